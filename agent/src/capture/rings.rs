@@ -1,0 +1,132 @@
+//! The agent's side of the per-CPU event rings: a shared mapping of the
+//! `RINGS` array map, drained without a syscall per event or per batch.
+
+use std::{
+    os::fd::{AsRawFd, BorrowedFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use cbt_common::{CaptureEvent, CpuRing, RING_SETS, RING_SLOTS};
+
+use super::CaptureError;
+
+pub struct Rings {
+    base: NonNull<u8>,
+    len: usize,
+    count: usize,
+    /// Per ring: the `dropped` value already accounted.
+    seen_dropped: Vec<u64>,
+}
+
+// SAFETY: the mapping is owned by this value; the kernel side synchronises
+// through the atomic head/tail protocol, not through Rust references.
+unsafe impl Send for Rings {}
+
+/// What one drain found besides events.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    pub events: u64,
+    /// Events the kernel could not publish since the last drain.
+    pub dropped: u64,
+    /// Highest ring fill seen in this drain, in slots (userspace lag).
+    pub max_fill: u64,
+    /// A ring whose head/tail made no sense (memory damaged): its contents
+    /// were discarded, which the caller must treat as loss.
+    pub corrupt_rings: u64,
+}
+
+const ELEM_SIZE: usize = std::mem::size_of::<CpuRing>().next_multiple_of(8);
+
+impl Rings {
+    /// Number of array elements for `nr_cpus` possible CPUs.
+    pub fn elements(nr_cpus: u32) -> u32 {
+        RING_SETS * nr_cpus
+    }
+
+    /// Kernel memory the rings pin, in bytes.
+    pub fn kernel_bytes(nr_cpus: u32) -> u64 {
+        Self::elements(nr_cpus) as u64 * ELEM_SIZE as u64
+    }
+
+    /// Maps the `BPF_F_MMAPABLE` array holding `count` rings.
+    pub fn map(fd: BorrowedFd<'_>, count: u32) -> Result<Self, CaptureError> {
+        let len = (count as usize * ELEM_SIZE).next_multiple_of(page_size());
+        // SAFETY: mapping a BPF array map fd, length within the map's value area.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(CaptureError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            base: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            len,
+            count: count as usize,
+            seen_dropped: vec![0; count as usize],
+        })
+    }
+
+    fn ring(&self, i: usize) -> *mut CpuRing {
+        debug_assert!(i < self.count);
+        // SAFETY: i < count, each element is ELEM_SIZE bytes inside the mapping.
+        unsafe { self.base.as_ptr().add(i * ELEM_SIZE).cast() }
+    }
+
+    /// Copies every published event into `out` and frees the slots.
+    ///
+    /// An event whose program finished before this call started is always
+    /// included: the program's publish is the last thing it does.
+    pub fn drain(&mut self, out: &mut Vec<CaptureEvent>) -> DrainReport {
+        let mut report = DrainReport::default();
+        for i in 0..self.count {
+            let ring = self.ring(i);
+            // SAFETY: fields of a live mapping; head is only written by the
+            // kernel (atomically), tail only by us.
+            unsafe {
+                let head = AtomicU64::from_ptr(&raw mut (*ring).producer.head).load(Ordering::Acquire);
+                let tail_ptr = &raw mut (*ring).consumer.tail;
+                let tail = AtomicU64::from_ptr(tail_ptr).load(Ordering::Relaxed);
+                let fill = head.wrapping_sub(tail);
+                if fill > RING_SLOTS as u64 {
+                    report.corrupt_rings += 1;
+                    AtomicU64::from_ptr(tail_ptr).store(head, Ordering::Release);
+                    continue;
+                }
+                report.max_fill = report.max_fill.max(fill);
+                out.reserve(fill as usize);
+                let slots = &raw const (*ring).slots;
+                for seq in tail..head {
+                    let slot = (slots as *const CaptureEvent).add((seq & (RING_SLOTS as u64 - 1)) as usize);
+                    out.push(std::ptr::read_volatile(slot));
+                }
+                report.events += fill;
+                AtomicU64::from_ptr(tail_ptr).store(head, Ordering::Release);
+
+                let dropped = std::ptr::read_volatile(&raw const (*ring).producer.dropped);
+                report.dropped += dropped.wrapping_sub(self.seen_dropped[i]);
+                self.seen_dropped[i] = dropped;
+            }
+        }
+        report
+    }
+}
+
+impl Drop for Rings {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}

@@ -1,0 +1,369 @@
+//! Per device instance: which chunks changed, and the gaps where the
+//! record cannot be trusted.
+//!
+//! This is the first stage after capture. It never drops a change: what it
+//! cannot attribute or prove becomes a [`Gap`] (contract §3).
+
+use std::collections::{BTreeMap, HashMap};
+
+use cbt_common::{CaptureEvent, EventKind};
+use roaring::RoaringTreemap;
+
+use crate::devices::{self, DeviceKey, Disk, KernelCounters};
+
+/// What a gap covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapScope {
+    /// The loss cannot be pinned to a device.
+    AllDevices,
+    Device(DeviceKey),
+}
+
+/// An interval (CLOCK_MONOTONIC ns, inclusive) in which changes may have
+/// happened that the record does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    pub scope: GapScope,
+    pub from_ns: u64,
+    pub to_ns: u64,
+    pub reason: String,
+}
+
+impl Gap {
+    pub fn covers(&self, key: DeviceKey) -> bool {
+        match self.scope {
+            GapScope::AllDevices => true,
+            GapScope::Device(k) => k == key,
+        }
+    }
+}
+
+/// The kernel-counter witness of one device (see [`ChangeSets::witness`]).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Witness {
+    /// Kernel counters when this instance was first observed.
+    pub baseline: Option<KernelCounters>,
+    /// `captured - kernel` at the last moment nothing was in flight. Later
+    /// values can only be larger (in-flight, failed I/O) unless the capture
+    /// missed something.
+    pub committed_offset: Option<i64>,
+    pub last_quiescent_ns: u64,
+    pub last_kernel: Option<KernelCounters>,
+}
+
+/// Everything recorded for one device instance.
+#[derive(Debug, Default)]
+pub struct DeviceChanges {
+    pub name: Option<String>,
+    /// Changed chunks since tracking of this instance began.
+    pub changed: RoaringTreemap,
+    /// Sum of sectors of all captured change ops (for the witness).
+    pub captured_sectors: u64,
+    /// Events by [`EventKind`] (index = kind value).
+    pub events: [u64; 8],
+    pub first_seen_ns: u64,
+    pub last_event_ns: u64,
+    /// Sectors per zone for zoned devices (zone append lands anywhere in it).
+    pub zone_sectors: Option<u64>,
+    pub witness: Witness,
+}
+
+
+#[derive(Debug)]
+pub struct ChangeSets {
+    chunk_shift: u32,
+    devices: BTreeMap<DeviceKey, DeviceChanges>,
+    gaps: Vec<Gap>,
+    /// Classic hooks report only `dev`: its current instance, as last resolved.
+    classic_instances: HashMap<u32, DeviceKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeSetError {
+    #[error("granularity {0} must be a power of two between 512 B and 1 MiB")]
+    Granularity(u64),
+}
+
+impl ChangeSets {
+    /// `granularity`: bytes per tracked chunk.
+    pub fn new(granularity: u64) -> Result<Self, ChangeSetError> {
+        if !granularity.is_power_of_two() || !(512..=1 << 20).contains(&granularity) {
+            return Err(ChangeSetError::Granularity(granularity));
+        }
+        Ok(Self {
+            chunk_shift: granularity.trailing_zeros(),
+            devices: BTreeMap::new(),
+            gaps: Vec::new(),
+            classic_instances: HashMap::new(),
+        })
+    }
+
+    pub fn granularity(&self) -> u64 {
+        1 << self.chunk_shift
+    }
+
+    pub fn devices(&self) -> &BTreeMap<DeviceKey, DeviceChanges> {
+        &self.devices
+    }
+
+    pub fn device(&self, key: &DeviceKey) -> Option<&DeviceChanges> {
+        self.devices.get(key)
+    }
+
+    pub fn gaps(&self) -> &[Gap] {
+        &self.gaps
+    }
+
+    pub fn record_gap(&mut self, scope: GapScope, from_ns: u64, to_ns: u64, reason: impl Into<String>) {
+        let gap = Gap { scope, from_ns, to_ns, reason: reason.into() };
+        tracing::warn!(?gap.scope, gap.from_ns, gap.to_ns, reason = %gap.reason, "tracking gap");
+        self.gaps.push(gap);
+    }
+
+    fn entry(&mut self, key: DeviceKey, now_ns: u64) -> &mut DeviceChanges {
+        self.devices.entry(key).or_insert_with(|| DeviceChanges { first_seen_ns: now_ns, ..Default::default() })
+    }
+
+    /// Makes sure every disk present now has a record and a witness
+    /// baseline. Called at start and periodically.
+    pub fn discover(&mut self, disks: &[Disk], now_ns: u64) {
+        for disk in disks {
+            let d = self.entry(disk.key, now_ns);
+            if d.name.is_none() {
+                d.name = Some(disk.name.clone());
+                d.zone_sectors = zone_sectors(&disk.name);
+            }
+            if d.witness.baseline.is_none() {
+                d.witness.baseline = disk.counters();
+            }
+        }
+    }
+
+    /// Applies one drain's events. `now_ns` is the drain time.
+    pub fn apply(&mut self, events: &[CaptureEvent], now_ns: u64) {
+        for ev in events {
+            self.apply_change(ev, now_ns);
+        }
+    }
+
+    fn resolve(&mut self, ev: &CaptureEvent, now_ns: u64) -> DeviceKey {
+        if ev.diskseq != 0 {
+            return DeviceKey { dev: ev.dev, diskseq: ev.diskseq };
+        }
+        // Classic hooks: the instance is whatever holds `dev` now. If that
+        // changed since we last looked, events in between cannot be
+        // attributed: both instances get a gap.
+        let current = devices::instance_of(ev.dev).map(|d| d.key);
+        let previous = self.classic_instances.get(&ev.dev).copied();
+        let key = match (previous, current) {
+            (Some(p), Some(c)) if p == c => c,
+            (Some(p), c) => {
+                let since = self.devices.get(&p).map_or(0, |d| d.last_event_ns);
+                self.record_gap(GapScope::Device(p), since, now_ns, "device number reused (classic hooks)");
+                let c = c.unwrap_or(DeviceKey { dev: ev.dev, diskseq: 0 });
+                self.record_gap(GapScope::Device(c), since, now_ns, "device number reused (classic hooks)");
+                c
+            }
+            (None, c) => c.unwrap_or(DeviceKey { dev: ev.dev, diskseq: 0 }),
+        };
+        self.classic_instances.insert(ev.dev, key);
+        key
+    }
+
+    fn apply_change(&mut self, ev: &CaptureEvent, now_ns: u64) {
+        let Some(kind) = EventKind::from_u32(ev.kind) else {
+            self.record_gap(GapScope::AllDevices, ev.ts_ns, now_ns, format!("undecodable event kind {}", ev.kind));
+            return;
+        };
+        if ev.dev == 0 {
+            self.record_gap(GapScope::AllDevices, ev.ts_ns, now_ns, "event without a device");
+            return;
+        }
+        let key = self.resolve(ev, now_ns);
+        let shift = self.chunk_shift - 9;
+        let d = self.entry(key, now_ns);
+        d.events[kind as usize] += 1;
+        d.last_event_ns = d.last_event_ns.max(ev.ts_ns);
+        let range = match kind {
+            EventKind::Unclassified => None,
+            EventKind::ZoneAppend => d.zone_sectors.map(|z| {
+                let start = ev.sector / z * z;
+                (start, start + z)
+            }),
+            _ => Some((ev.sector, ev.sector + ev.nr_sectors as u64)),
+        };
+        let Some((start, end)) = range else {
+            self.record_gap(
+                GapScope::Device(key),
+                ev.ts_ns,
+                ev.ts_ns,
+                format!("{kind:?} op {} cannot be placed on the device", ev.raw_op),
+            );
+            return;
+        };
+        // An empty write is a pure cache flush (fsync's preflush).
+        if end == start {
+            return;
+        }
+        d.captured_sectors += ev.nr_sectors as u64;
+        let (first_chunk, last_chunk) = (start >> shift, (end - 1) >> shift);
+        d.changed.insert_range(first_chunk..=last_chunk);
+    }
+
+    /// The kernel-counter witness (contract §3). Each sample is
+    /// `(device, counters, sectors captured after the sample)`: counters read
+    /// BEFORE the drain whose events were just applied (every write the
+    /// kernel counted as completed was submitted, and published, before the
+    /// read), minus what that drain brought that was submitted later.
+    ///
+    /// `captured - kernel` is at least the number of sectors in flight; it
+    /// can only fall below its value at the last quiescent moment (nothing
+    /// in flight) if the capture missed sectors. Returns the devices found
+    /// short.
+    pub fn witness(&mut self, samples: &[(DeviceKey, KernelCounters, u64)], now_ns: u64) -> Vec<DeviceKey> {
+        let mut short = Vec::new();
+        for (key, counters, captured_after) in samples {
+            let Some(d) = self.devices.get_mut(key) else { continue };
+            let Some(base) = d.witness.baseline else { continue };
+            d.witness.last_kernel = Some(*counters);
+            let kernel = counters.changed_sectors().saturating_sub(base.changed_sectors()) as i64;
+            let offset = d.captured_sectors.saturating_sub(*captured_after) as i64 - kernel;
+            // The kernel's in-flight count misses requests not yet started;
+            // committing then can only raise the offset, i.e. cause a
+            // spurious alarm later, never hide a loss.
+            let quiescent = counters.in_flight == 0;
+            match d.witness.committed_offset {
+                Some(committed) if offset < committed => {
+                    short.push((*key, d.witness.last_quiescent_ns, committed - offset));
+                    // Re-arm from here so one loss is reported once.
+                    d.witness.committed_offset = Some(offset);
+                    d.witness.last_quiescent_ns = now_ns;
+                }
+                _ if quiescent => {
+                    d.witness.committed_offset = Some(offset);
+                    d.witness.last_quiescent_ns = now_ns;
+                }
+                _ => {}
+            }
+        }
+        for &(key, since, missing) in &short {
+            self.record_gap(
+                GapScope::Device(key),
+                since,
+                now_ns,
+                format!("kernel counted {missing} more changed sectors than were captured"),
+            );
+        }
+        short.into_iter().map(|(k, _, _)| k).collect()
+    }
+}
+
+fn zone_sectors(name: &str) -> Option<u64> {
+    let base = std::path::Path::new("/sys/block").join(name).join("queue");
+    let zoned = std::fs::read_to_string(base.join("zoned")).ok()?;
+    if zoned.trim() == "none" {
+        return None;
+    }
+    std::fs::read_to_string(base.join("chunk_sectors")).ok()?.trim().parse().ok().filter(|&z| z > 0)
+}
+
+/// Coalesces a chunk set into `(first_chunk, chunk_count)` runs, ascending.
+pub fn runs(set: &RoaringTreemap) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut iter = set.iter().peekable();
+    std::iter::from_fn(move || {
+        let start = iter.next()?;
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        Some((start, end - start + 1))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEQ: u64 = 42;
+    const DEV: u32 = 7 << 20 | 9;
+
+    fn ev(kind: EventKind, sector: u64, nr: u32, cookie: u64, ts: u64) -> CaptureEvent {
+        CaptureEvent { ts_ns: ts, sector, diskseq: SEQ, cookie, dev: DEV, nr_sectors: nr, kind: kind as u32, raw_op: 0 }
+    }
+
+    fn key() -> DeviceKey {
+        DeviceKey { dev: DEV, diskseq: SEQ }
+    }
+
+    #[test]
+    fn straddling_write_marks_both_chunks() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        // 4 KiB starting at sector 4: chunks 0 and 1.
+        cs.apply(&[ev(EventKind::Write, 4, 8, 0, 1)], 2);
+        assert_eq!(cs.device(&key()).unwrap().changed.iter().collect::<Vec<_>>(), vec![0, 1]);
+        // One sector at the last sector of chunk 5.
+        cs.apply(&[ev(EventKind::Discard, 47, 1, 0, 1)], 2);
+        assert!(cs.device(&key()).unwrap().changed.contains(5));
+        assert!(!cs.device(&key()).unwrap().changed.contains(6));
+    }
+
+    #[test]
+    fn empty_write_is_a_flush_not_a_change() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        cs.apply(&[ev(EventKind::Write, 0, 0, 5, 1)], 2);
+        assert!(cs.device(&key()).unwrap().changed.is_empty());
+        assert!(cs.gaps().is_empty());
+    }
+
+    #[test]
+    fn unclassified_op_is_a_device_gap() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        cs.apply(&[ev(EventKind::Unclassified, 0, 0, 0, 10)], 20);
+        assert_eq!(cs.gaps().len(), 1);
+        assert!(cs.gaps()[0].covers(key()));
+        assert!(!cs.gaps()[0].covers(DeviceKey { dev: DEV, diskseq: SEQ + 1 }));
+    }
+
+    #[test]
+    fn zone_append_without_zone_size_is_a_gap() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        cs.apply(&[ev(EventKind::ZoneAppend, 0, 8, 0, 10)], 20);
+        assert_eq!(cs.gaps().len(), 1);
+    }
+
+    #[test]
+    fn witness_flags_only_real_shortfalls() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        let k = key();
+        let counters = |sectors, in_flight| KernelCounters { write_sectors: sectors, discard_sectors: 0, in_flight };
+        cs.entry(k, 0).witness.baseline = Some(counters(1000, 0));
+        // 8 sectors captured and completed: quiescent, offset 0.
+        cs.apply(&[ev(EventKind::Write, 0, 8, 0, 1)], 2);
+        assert!(cs.witness(&[(k, counters(1008, 0), 0)], 3).is_empty());
+        // 8 more captured, still in flight: no alarm.
+        cs.apply(&[ev(EventKind::Write, 8, 8, 0, 4)], 5);
+        assert!(cs.witness(&[(k, counters(1008, 1), 0)], 6).is_empty());
+        // Submitted after the sample: not held against the kernel's count.
+        cs.apply(&[ev(EventKind::Write, 16, 8, 0, 8)], 9);
+        assert!(cs.witness(&[(k, counters(1016, 0), 8)], 9).is_empty());
+        // The kernel completed 24 sectors more than were captured: alarm.
+        assert_eq!(cs.witness(&[(k, counters(1048, 0), 0)], 10), vec![k]);
+        assert_eq!(cs.gaps().len(), 1);
+        assert_eq!(cs.gaps()[0].from_ns, 9, "gap starts at the last quiescent check");
+    }
+
+    #[test]
+    fn runs_coalesce() {
+        let set: RoaringTreemap = [1u64, 2, 3, 7, 9, 10].into_iter().collect();
+        assert_eq!(runs(&set).collect::<Vec<_>>(), vec![(1, 3), (7, 1), (9, 2)]);
+    }
+
+    #[test]
+    fn rejects_bad_granularity() {
+        assert!(ChangeSets::new(3000).is_err());
+        assert!(ChangeSets::new(256).is_err());
+        assert!(ChangeSets::new(65536).is_ok());
+    }
+}

@@ -1,0 +1,189 @@
+//! The capture loop: drains the kernel rings into the change sets and turns
+//! every loss signal into a gap. One `Tracker` per node.
+
+use std::collections::HashMap;
+
+use cbt_common::CaptureEvent;
+
+use crate::{
+    capture::{Capture, CaptureError, CaptureOptions, Flavor, ProgramStats},
+    changes::{ChangeSetError, ChangeSets, GapScope},
+    devices::Disk,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    ChangeSets(#[from] ChangeSetError),
+}
+
+#[derive(Debug, Clone)]
+pub struct TrackerOptions {
+    pub capture: CaptureOptions,
+    /// Bytes per tracked chunk (power of two).
+    pub granularity: u64,
+}
+
+impl Default for TrackerOptions {
+    fn default() -> Self {
+        Self {
+            capture: CaptureOptions { flavor: None },
+            granularity: 4096,
+        }
+    }
+}
+
+/// Counters of everything that can lose or delay events.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LossCounters {
+    pub drains: u64,
+    pub events: u64,
+    /// Highest ring fill seen (slots): how far user space fell behind.
+    pub max_ring_fill: u64,
+    pub dropped_events: u64,
+    pub corrupt_rings: u64,
+    pub recursion_misses: HashMap<&'static str, u64>,
+    pub witness_alarms: u64,
+}
+
+pub struct Tracker {
+    capture: Capture,
+    changes: ChangeSets,
+    buf: Vec<CaptureEvent>,
+    last_drain_ns: u64,
+    last_check_ns: u64,
+    started_ns: u64,
+    stats: HashMap<&'static str, ProgramStats>,
+    loss: LossCounters,
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` stamps events with.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Tracker {
+    /// Attaches the capture. Everything written from this call's return on
+    /// is recorded or shows up as a gap.
+    pub fn start(options: &TrackerOptions) -> Result<Self, TrackerError> {
+        let mut changes = ChangeSets::new(options.granularity)?;
+        let capture = Capture::start(&options.capture)?;
+        let now = monotonic_ns();
+        changes.discover(&Disk::all(), now);
+        let mut tracker = Self {
+            capture,
+            changes,
+            buf: Vec::with_capacity(1 << 14),
+            last_drain_ns: now,
+            last_check_ns: now,
+            started_ns: now,
+            stats: HashMap::new(),
+            loss: LossCounters::default(),
+        };
+        tracker.stats = tracker.capture.program_stats()?.into_iter().collect();
+        Ok(tracker)
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.capture.flavor()
+    }
+
+    pub fn started_ns(&self) -> u64 {
+        self.started_ns
+    }
+
+    pub fn changes(&self) -> &ChangeSets {
+        &self.changes
+    }
+
+    pub fn loss(&self) -> &LossCounters {
+        &self.loss
+    }
+
+    pub fn kernel_ring_bytes(&self) -> u64 {
+        self.capture.kernel_ring_bytes()
+    }
+
+    pub fn program_stats(&self) -> &HashMap<&'static str, ProgramStats> {
+        &self.stats
+    }
+
+    /// Drains the rings into the change sets. Cheap; call every few ms.
+    pub fn poll(&mut self) {
+        let now = monotonic_ns();
+        self.buf.clear();
+        let report = self.capture.drain(&mut self.buf);
+        self.changes.apply(&self.buf, now);
+        self.loss.drains += 1;
+        self.loss.events += report.events;
+        self.loss.max_ring_fill = self.loss.max_ring_fill.max(report.max_fill);
+        if report.dropped > 0 || report.corrupt_rings > 0 {
+            self.loss.dropped_events += report.dropped;
+            self.loss.corrupt_rings += report.corrupt_rings;
+            self.changes.record_gap(
+                GapScope::AllDevices,
+                self.last_drain_ns,
+                now,
+                format!(
+                    "event ring overflow: {} events dropped, {} rings damaged",
+                    report.dropped, report.corrupt_rings
+                ),
+            );
+        }
+        self.last_drain_ns = now;
+    }
+
+    /// The slower checks: witness counters, recursion misses, new devices.
+    /// Call about once a second.
+    pub fn check(&mut self) -> Result<(), TrackerError> {
+        // Witness samples first, then drain (see ChangeSets::witness).
+        let sampled_ns = monotonic_ns();
+        let samples: Vec<_> = self
+            .changes
+            .devices()
+            .iter()
+            .filter_map(|(key, d)| {
+                let name = d.name.clone()?;
+                let counters = Disk { name, key: *key }.counters()?;
+                Some((*key, counters))
+            })
+            .collect();
+        self.poll();
+        let now = self.last_drain_ns;
+        let samples: Vec<_> = samples
+            .into_iter()
+            .map(|(key, counters)| {
+                let after: u64 = self
+                    .buf
+                    .iter()
+                    .filter(|e| e.dev == key.dev && e.ts_ns > sampled_ns)
+                    .map(|e| e.nr_sectors as u64)
+                    .sum();
+                (key, counters, after)
+            })
+            .collect();
+        self.loss.witness_alarms += self.changes.witness(&samples, now).len() as u64;
+
+        for (name, stats) in self.capture.program_stats()? {
+            let before = self.stats.insert(name, stats).unwrap_or_default();
+            let missed = stats.recursion_misses.saturating_sub(before.recursion_misses);
+            if missed > 0 {
+                *self.loss.recursion_misses.entry(name).or_default() += missed;
+                self.changes.record_gap(
+                    GapScope::AllDevices,
+                    self.last_check_ns,
+                    now,
+                    format!("{name}: {missed} runs skipped by the kernel (recursion)"),
+                );
+            }
+        }
+        self.changes.discover(&Disk::all(), now);
+        self.last_check_ns = now;
+        Ok(())
+    }
+}

@@ -1,0 +1,82 @@
+//! Idempotent set-up of a fresh machine: toolchains, Debian tools, and the
+//! kernel filesystems the agent needs mounted.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result};
+
+use crate::run;
+
+/// Debian packages the demo, tests and benchmarks use, keyed by a binary
+/// each provides (checked before installing anything).
+const PACKAGES: &[(&str, &str)] = &[
+    ("fio", "fio"),
+    ("losetup", "util-linux"),
+    ("sfdisk", "fdisk"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("mkfs.btrfs", "btrfs-progs"),
+    ("filefrag", "e2fsprogs"),
+    ("bpftool", "bpftool"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.10.0";
+
+pub fn all() -> Result<()> {
+    toolchain()?;
+    packages()?;
+    kernel_filesystems()
+}
+
+fn have(binary: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {binary} >/dev/null 2>&1 || test -x /usr/sbin/{binary} || test -x /sbin/{binary}")]).status().is_ok_and(|s| s.success())
+}
+
+/// Nightly with rust-src (for `-Z build-std=core`) and a pinned bpf-linker:
+/// 0.10.0 links with rustc's own LLVM; newer ones need a system LLVM 21+.
+pub fn toolchain() -> Result<()> {
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if !has_src {
+        eprintln!("setup: installing nightly with rust-src");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "-c", "rust-src"]))?;
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !linker_ok {
+        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+        run(crate::cargo(None).args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"]))?;
+    }
+    Ok(())
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// tracefs (classic tracepoint formats) and bpffs (pinning) are not mounted
+/// by default on these machines.
+fn kernel_filesystems() -> Result<()> {
+    for (fstype, target) in [("tracefs", "/sys/kernel/tracing"), ("bpf", "/sys/fs/bpf")] {
+        let mounted = std::fs::read_to_string("/proc/mounts")
+            .context("reading /proc/mounts")?
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(target));
+        if !mounted && Path::new(target).exists() {
+            run(Command::new("mount").args(["-t", fstype, fstype, target]))?;
+        }
+    }
+    Ok(())
+}
