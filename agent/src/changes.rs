@@ -142,36 +142,40 @@ impl ChangeSets {
 
     /// Applies one drain's events. `now_ns` is the drain time.
     pub fn apply(&mut self, events: &[CaptureEvent], now_ns: u64) {
+        // Classic events are resolved once per device per batch: sysfs is
+        // far too slow to consult per event.
+        let mut resolved = HashMap::new();
         for ev in events {
-            self.apply_change(ev, now_ns);
+            let key = match ev.diskseq {
+                0 => *resolved.entry(ev.dev).or_insert_with(|| self.resolve_classic(ev.dev, now_ns)),
+                diskseq => DeviceKey { dev: ev.dev, diskseq },
+            };
+            self.apply_change(key, ev, now_ns);
         }
     }
 
-    fn resolve(&mut self, ev: &CaptureEvent, now_ns: u64) -> DeviceKey {
-        if ev.diskseq != 0 {
-            return DeviceKey { dev: ev.dev, diskseq: ev.diskseq };
-        }
+    fn resolve_classic(&mut self, dev: u32, now_ns: u64) -> DeviceKey {
         // Classic hooks: the instance is whatever holds `dev` now. If that
         // changed since we last looked, events in between cannot be
         // attributed: both instances get a gap.
-        let current = devices::instance_of(ev.dev).map(|d| d.key);
-        let previous = self.classic_instances.get(&ev.dev).copied();
+        let current = devices::instance_of(dev).map(|d| d.key);
+        let previous = self.classic_instances.get(&dev).copied();
         let key = match (previous, current) {
             (Some(p), Some(c)) if p == c => c,
             (Some(p), c) => {
                 let since = self.devices.get(&p).map_or(0, |d| d.last_event_ns);
                 self.record_gap(GapScope::Device(p), since, now_ns, "device number reused (classic hooks)");
-                let c = c.unwrap_or(DeviceKey { dev: ev.dev, diskseq: 0 });
+                let c = c.unwrap_or(DeviceKey { dev, diskseq: 0 });
                 self.record_gap(GapScope::Device(c), since, now_ns, "device number reused (classic hooks)");
                 c
             }
-            (None, c) => c.unwrap_or(DeviceKey { dev: ev.dev, diskseq: 0 }),
+            (None, c) => c.unwrap_or(DeviceKey { dev, diskseq: 0 }),
         };
-        self.classic_instances.insert(ev.dev, key);
+        self.classic_instances.insert(dev, key);
         key
     }
 
-    fn apply_change(&mut self, ev: &CaptureEvent, now_ns: u64) {
+    fn apply_change(&mut self, key: DeviceKey, ev: &CaptureEvent, now_ns: u64) {
         let Some(kind) = EventKind::from_u32(ev.kind) else {
             self.record_gap(GapScope::AllDevices, ev.ts_ns, now_ns, format!("undecodable event kind {}", ev.kind));
             return;
@@ -180,7 +184,6 @@ impl ChangeSets {
             self.record_gap(GapScope::AllDevices, ev.ts_ns, now_ns, "event without a device");
             return;
         }
-        let key = self.resolve(ev, now_ns);
         let shift = self.chunk_shift - 9;
         let d = self.entry(key, now_ns);
         d.events[kind as usize] += 1;

@@ -138,6 +138,14 @@ impl Tracker {
         self.last_drain_ns = now;
     }
 
+    /// Drains the rings and throws the events away unrecorded, as a bug or
+    /// a lost batch would. Only for tests proving the witness catches it.
+    #[cfg(feature = "fault-injection")]
+    pub fn lose_pending_events(&mut self) -> u64 {
+        self.buf.clear();
+        self.capture.drain(&mut self.buf).events
+    }
+
     /// The slower checks: witness counters, recursion misses, new devices.
     /// Call about once a second.
     pub fn check(&mut self) -> Result<(), TrackerError> {

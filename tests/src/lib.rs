@@ -1,1 +1,245 @@
+//! Shared pieces of the privileged tests. Every test here needs root, the
+//! eBPF object and loop devices; without them it FAILS (CI runs as root).
+//!
+//! Truth is always computed independently of the tracker: from what the test
+//! wrote, or by comparing device images byte for byte.
 
+use std::{
+    fs::File,
+    io::Read,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use cbt_agent::{
+    capture::{CaptureOptions, Flavor},
+    changes::Gap,
+    devices::{DeviceKey, Disk},
+    tracker::{Tracker, TrackerOptions},
+};
+pub use roaring::RoaringTreemap;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "privileged tests must run as root (cargo xtask test does)");
+}
+
+/// Runs a shell command line; panics with its output if it fails.
+pub fn sh(cmdline: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmdline).output().expect("spawning sh");
+    assert!(
+        out.status.success(),
+        "`{cmdline}` failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Where backing files live: tmpfs, so images are cheap to copy and compare.
+pub fn scratch_dir() -> PathBuf {
+    let dir = PathBuf::from("/dev/shm/cbt-tests");
+    std::fs::create_dir_all(&dir).expect("creating scratch dir");
+    dir
+}
+
+/// A loop device over a sparse backing file; detached and removed on drop.
+pub struct LoopDevice {
+    pub path: String,
+    pub backing: PathBuf,
+    attached: bool,
+}
+
+impl LoopDevice {
+    pub fn new(tag: &str, size_mib: u64) -> Self {
+        Self::with_options(tag, size_mib, "")
+    }
+
+    /// `options` go to losetup, e.g. `-P` to scan partitions.
+    pub fn with_options(tag: &str, size_mib: u64, options: &str) -> Self {
+        require_root();
+        let backing = scratch_dir().join(format!("{tag}-{}.img", std::process::id()));
+        let f = File::create(&backing).expect("creating backing file");
+        f.set_len(size_mib << 20).expect("sizing backing file");
+        let path = sh(&format!("losetup -f --show {options} {}", backing.display())).trim().to_string();
+        Self { path, backing, attached: true }
+    }
+
+    pub fn name(&self) -> &str {
+        self.path.trim_start_matches("/dev/")
+    }
+
+    /// The current instance (dev + diskseq).
+    pub fn key(&self) -> DeviceKey {
+        Disk::by_name(self.name()).expect("loop device in sysfs").key
+    }
+
+    pub fn detach(&mut self) {
+        if self.attached {
+            sh(&format!("losetup -d {}", self.path));
+            self.attached = false;
+        }
+    }
+
+    /// Copies the backing file: a point-in-time image while nothing writes.
+    pub fn image(&self, tag: &str) -> PathBuf {
+        sh("sync");
+        let out = self.backing.with_extension(format!("{tag}.img"));
+        std::fs::copy(&self.backing, &out).expect("copying image");
+        out
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if self.attached {
+            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        }
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+/// A tracker running as the agent runs it: drained every 2 ms, checked
+/// every 200 ms, on a thread of its own.
+pub struct Harness {
+    tracker: Arc<Mutex<Tracker>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Harness {
+    pub fn start() -> Self {
+        Self::with(TrackerOptions::default())
+    }
+
+    pub fn with_flavor(flavor: Flavor, granularity: u64) -> Self {
+        Self::with(TrackerOptions { capture: CaptureOptions { flavor: Some(flavor) }, granularity })
+    }
+
+    pub fn with(options: TrackerOptions) -> Self {
+        require_root();
+        let tracker = Arc::new(Mutex::new(Tracker::start(&options).expect("starting the tracker")));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (tracker, stop) = (Arc::clone(&tracker), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(2));
+                    let mut t = tracker.lock().expect("tracker lock");
+                    t.poll();
+                    n += 1;
+                    if n % 100 == 0 {
+                        t.check().expect("tracker check");
+                    }
+                }
+            })
+        };
+        Self { tracker, stop, thread: Some(thread) }
+    }
+
+    /// The tracker with everything published so far drained and checked.
+    /// A write that returned before this call is in the result: the
+    /// program publishes at submission, before the I/O can complete.
+    pub fn settled(&self) -> MutexGuard<'_, Tracker> {
+        let mut t = self.tracker.lock().expect("tracker lock");
+        t.check().expect("tracker check");
+        t
+    }
+
+    pub fn changed(&self, key: DeviceKey) -> RoaringTreemap {
+        self.settled().changes().device(&key).map(|d| d.changed.clone()).unwrap_or_default()
+    }
+
+    pub fn gaps(&self) -> Vec<Gap> {
+        self.settled().changes().gaps().to_vec()
+    }
+
+    pub fn gaps_for(&self, key: DeviceKey) -> Vec<Gap> {
+        self.gaps().into_iter().filter(|g| g.covers(key)).collect()
+    }
+
+    /// Fails the test if anything was lost anywhere while it ran.
+    pub fn assert_no_loss(&self) {
+        let t = self.settled();
+        let loss = t.loss();
+        assert_eq!(loss.dropped_events, 0, "events dropped: {loss:?}");
+        assert_eq!(loss.corrupt_rings, 0, "{loss:?}");
+        assert!(loss.recursion_misses.values().all(|&m| m == 0), "recursion misses: {loss:?}");
+        assert!(loss.events > 0, "the tracker saw no events at all: {loss:?}");
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Chunks covering byte range `[offset, offset + len)`.
+pub fn chunks(offset: u64, len: u64, granularity: u64) -> RoaringTreemap {
+    let mut set = RoaringTreemap::new();
+    if len > 0 {
+        set.insert_range(offset / granularity..=(offset + len - 1) / granularity);
+    }
+    set
+}
+
+/// Chunks whose bytes differ between two images (the independent truth).
+pub fn image_diff(a: &Path, b: &Path, granularity: u64) -> RoaringTreemap {
+    let (mut fa, mut fb) = (File::open(a).expect("image a"), File::open(b).expect("image b"));
+    let (la, lb) = (fa.metadata().unwrap().len(), fb.metadata().unwrap().len());
+    assert_eq!(la, lb, "images differ in size");
+    let mut diff = RoaringTreemap::new();
+    let block = 1 << 20;
+    let (mut ba, mut bb) = (vec![0u8; block], vec![0u8; block]);
+    let mut offset = 0u64;
+    while offset < la {
+        let n = (la - offset).min(block as u64) as usize;
+        fa.read_exact(&mut ba[..n]).unwrap();
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            for (i, (ca, cb)) in ba[..n].chunks(granularity as usize).zip(bb[..n].chunks(granularity as usize)).enumerate() {
+                if ca != cb {
+                    diff.insert(offset / granularity + i as u64);
+                }
+            }
+        }
+        offset += n as u64;
+    }
+    diff
+}
+
+/// Reads `len` bytes at `offset` of a file.
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    File::open(path).unwrap().read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
+
+/// Asserts `captured ⊇ truth` (the contract's first rule) and returns the
+/// false-positive ratio `|captured| / |truth|` for reporting.
+pub fn assert_superset(what: &str, captured: &RoaringTreemap, truth: &RoaringTreemap) -> f64 {
+    let missing = truth - captured;
+    assert!(
+        missing.is_empty(),
+        "{what}: UNDER-REPORTED {} of {} truly changed chunks, first: {:?}",
+        missing.len(),
+        truth.len(),
+        missing.iter().take(10).collect::<Vec<_>>()
+    );
+    let ratio = if truth.is_empty() { 1.0 } else { captured.len() as f64 / truth.len() as f64 };
+    eprintln!("{what}: {} changed chunks, {} reported, over-report ratio {ratio:.3}", truth.len(), captured.len());
+    ratio
+}
