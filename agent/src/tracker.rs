@@ -191,6 +191,7 @@ impl Tracker {
             }
         }
         self.changes.discover(&Disk::all(), now);
+        self.capture.flush_kernel_logs();
         self.last_check_ns = now;
         Ok(())
     }

@@ -17,12 +17,14 @@ use core::{
 };
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_F_MMAPABLE,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, tracepoint},
     maps::Array,
     programs::{BtfTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::{error, warn};
 use cbt_common::{CpuRing, EventKind, ProgramConfig, RingSet, RING_SLOTS};
 
 /// Filled in by the agent before load (frozen `.rodata`).
@@ -55,7 +57,18 @@ unsafe fn field<T: Copy>(base: *const u8, offset: u32) -> T {
 }
 
 #[inline(always)]
-fn publish(set: RingSet, kind: u32, dev: u32, diskseq: u64, sector: u64, nr_sectors: u32, cookie: u64, raw_op: u32) {
+#[allow(clippy::too_many_arguments)]
+fn publish<C: EbpfContext>(
+    ctx: &C,
+    set: RingSet,
+    kind: u32,
+    dev: u32,
+    diskseq: u64,
+    sector: u64,
+    nr_sectors: u32,
+    cookie: u64,
+    raw_op: u32,
+) {
     let cfg = config();
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(ring) = RINGS.get_ptr_mut(set as u32 * cfg.nr_cpus + cpu) else {
@@ -69,6 +82,10 @@ fn publish(set: RingSet, kind: u32, dev: u32, diskseq: u64, sector: u64, nr_sect
         let head = (*ring).producer.head;
         let tail = read_volatile(&(*ring).consumer.tail);
         if head.wrapping_sub(tail) >= RING_SLOTS as u64 {
+            // Log the first drop of each ring only: the counter carries the rest.
+            if (*ring).producer.dropped == 0 {
+                warn!(ctx, "cbt: event ring {} full on cpu {}: dropping (agent not draining?)", set as u32, cpu);
+            }
             (*ring).producer.dropped += 1;
             return;
         }
@@ -112,7 +129,7 @@ pub fn bio_queue_btf(ctx: BtfTracePointContext) -> u32 {
         let disk: *const u8 = field(bdev, cfg.bdev_disk);
         let (dev, diskseq) = disk_identity(disk);
         let size: u32 = field(bio, cfg.bio_size);
-        publish(RingSet::Bio, kind, dev, diskseq, field(bio, cfg.bio_sector), size >> 9, bio as u64, opf & 0xff);
+        publish(&ctx, RingSet::Bio, kind, dev, diskseq, field(bio, cfg.bio_sector), size >> 9, bio as u64, opf & 0xff);
     }
     0
 }
@@ -134,7 +151,8 @@ pub fn rq_issue_btf(ctx: BtfTracePointContext) -> u32 {
             return 0;
         }
         let (dev, diskseq) = disk_identity(disk);
-        publish(RingSet::Request, EventKind::Unclassified as u32, dev, diskseq, 0, 0, rq as u64, opf & 0xff);
+        warn!(&ctx, "cbt: unclassifiable op {} on dev {}:{}: tracking gap", opf & 0xff, dev >> 20, dev & 0xfffff);
+        publish(&ctx, RingSet::Request, EventKind::Unclassified as u32, dev, diskseq, 0, 0, rq as u64, opf & 0xff);
     }
     0
 }
@@ -172,12 +190,13 @@ pub fn bio_queue_classic(ctx: TracePointContext) -> u32 {
             tp_read::<u32>(&ctx, cfg.tp_bio_nr_sector),
             tp_read::<[u8; 4]>(&ctx, cfg.tp_bio_rwbs),
         ) else {
-            publish(RingSet::Bio, EventKind::Unclassified as u32, 0, 0, 0, 0, 0, 0);
+            error!(&ctx, "cbt: cannot read the block_bio_queue record: tracking gap");
+            publish(&ctx, RingSet::Bio, EventKind::Unclassified as u32, 0, 0, 0, 0, 0, 0);
             return 0;
         };
         let kind = classify_rwbs(rwbs, nr);
         if kind != 0 {
-            publish(RingSet::Bio, kind, dev, 0, sector, nr, 0, 0);
+            publish(&ctx, RingSet::Bio, kind, dev, 0, sector, nr, 0, 0);
         }
     }
     0
@@ -196,7 +215,8 @@ pub fn rq_issue_classic(ctx: TracePointContext) -> u32 {
             return 0;
         };
         if classify_rwbs(rwbs, nr) == EventKind::Unclassified as u32 {
-            publish(RingSet::Request, EventKind::Unclassified as u32, dev, 0, 0, 0, 0, 0);
+            warn!(&ctx, "cbt: unclassifiable request on dev {}:{}: tracking gap", dev >> 20, dev & 0xfffff);
+            publish(&ctx, RingSet::Request, EventKind::Unclassified as u32, dev, 0, 0, 0, 0, 0);
         }
     }
     0

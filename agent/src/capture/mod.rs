@@ -83,6 +83,7 @@ pub struct ProgramStats {
 pub struct Capture {
     // Field order matters for drop: unmap the rings before the map closes.
     rings: Rings,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ebpf: Ebpf,
     flavor: Flavor,
     attached: Vec<&'static str>,
@@ -138,9 +139,11 @@ impl Capture {
             .override_global(CONFIG_GLOBAL, config, true)
             .map_max_entries(RINGS_MAP, ring_count)
             .load(EBPF_OBJECT)?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-            tracing::debug!(error = %e, "eBPF logger not initialised");
-        }
+        // The programs log only on rare paths (first ring drop, passthrough);
+        // their records reach `tracing` through the `log` bridge.
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .map_err(|e| tracing::warn!(error = %e, "eBPF diagnostics unavailable"))
+            .ok();
         let rings = match ebpf.map(RINGS_MAP) {
             Some(Map::Array(data)) => Rings::map(data.fd().as_fd(), ring_count)?,
             _ => return Err(CaptureError::Load(aya::EbpfError::MapError(aya::maps::MapError::InvalidName {
@@ -177,7 +180,7 @@ impl Capture {
             }
         };
         tracing::info!(?flavor, programs = ?attached, nr_cpus, ring_bytes = Rings::kernel_bytes(nr_cpus), "capture attached");
-        Ok(Self { rings, ebpf, flavor, attached, nr_cpus })
+        Ok(Self { rings, logger, ebpf, flavor, attached, nr_cpus })
     }
 
     pub fn flavor(&self) -> Flavor {
@@ -192,6 +195,13 @@ impl Capture {
     /// Moves every published event into `out`.
     pub fn drain(&mut self, out: &mut Vec<CaptureEvent>) -> DrainReport {
         self.rings.drain(out)
+    }
+
+    /// Forwards the programs' log records to `tracing`.
+    pub fn flush_kernel_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
     }
 
     /// Statistics of each attached program, by name.
