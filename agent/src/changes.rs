@@ -50,6 +50,8 @@ pub struct Witness {
     pub committed_offset: Option<i64>,
     pub last_quiescent_ns: u64,
     pub last_kernel: Option<KernelCounters>,
+    /// Captured sectors at the previous sample, to tell an idle device.
+    pub last_captured: u64,
 }
 
 /// Everything recorded for one device instance.
@@ -229,13 +231,18 @@ impl ChangeSets {
         for (key, counters, captured_after) in samples {
             let Some(d) = self.devices.get_mut(key) else { continue };
             let Some(base) = d.witness.baseline else { continue };
-            d.witness.last_kernel = Some(*counters);
+            let captured = d.captured_sectors.saturating_sub(*captured_after);
             let kernel = counters.changed_sectors().saturating_sub(base.changed_sectors()) as i64;
-            let offset = d.captured_sectors.saturating_sub(*captured_after) as i64 - kernel;
-            // The kernel's in-flight count misses requests not yet started;
-            // committing then can only raise the offset, i.e. cause a
-            // spurious alarm later, never hide a loss.
-            let quiescent = counters.in_flight == 0;
+            let offset = captured as i64 - kernel;
+            // The kernel's in-flight count misses requests not started yet
+            // (plugged, queued in a scheduler), so "0 in flight" alone is not
+            // idle. Idle = nothing in flight AND neither side moved over a
+            // whole sampling interval: then no submission can be pending.
+            let idle = counters.in_flight == 0
+                && d.witness.last_kernel.is_some_and(|k| k.changed_sectors() == counters.changed_sectors())
+                && d.witness.last_captured == captured;
+            d.witness.last_kernel = Some(*counters);
+            d.witness.last_captured = captured;
             match d.witness.committed_offset {
                 Some(committed) if offset < committed => {
                     short.push((*key, d.witness.last_quiescent_ns, committed - offset));
@@ -243,7 +250,7 @@ impl ChangeSets {
                     d.witness.committed_offset = Some(offset);
                     d.witness.last_quiescent_ns = now_ns;
                 }
-                _ if quiescent => {
+                _ if idle => {
                     d.witness.committed_offset = Some(offset);
                     d.witness.last_quiescent_ns = now_ns;
                 }
@@ -342,19 +349,27 @@ mod tests {
         let k = key();
         let counters = |sectors, in_flight| KernelCounters { write_sectors: sectors, discard_sectors: 0, in_flight };
         cs.entry(k, 0).witness.baseline = Some(counters(1000, 0));
-        // 8 sectors captured and completed: quiescent, offset 0.
+        // 8 sectors captured and completed, seen twice unchanged: idle, offset 0.
         cs.apply(&[ev(EventKind::Write, 0, 8, 0, 1)], 2);
         assert!(cs.witness(&[(k, counters(1008, 0), 0)], 3).is_empty());
-        // 8 more captured, still in flight: no alarm.
-        cs.apply(&[ev(EventKind::Write, 8, 8, 0, 4)], 5);
-        assert!(cs.witness(&[(k, counters(1008, 1), 0)], 6).is_empty());
+        assert_eq!(cs.device(&k).unwrap().witness.committed_offset, None, "one sample is not idle");
+        assert!(cs.witness(&[(k, counters(1008, 0), 0)], 4).is_empty());
+        assert_eq!(cs.device(&k).unwrap().witness.committed_offset, Some(0));
+        // 8 more captured but not yet counted by the kernel, which reports
+        // nothing in flight (a plugged request): not idle, nothing committed.
+        cs.apply(&[ev(EventKind::Write, 8, 8, 0, 5)], 6);
+        assert!(cs.witness(&[(k, counters(1008, 0), 0)], 6).is_empty());
+        assert_eq!(cs.device(&k).unwrap().witness.committed_offset, Some(0));
+        // It completes: the offset returns to 0, no false alarm.
+        assert!(cs.witness(&[(k, counters(1016, 0), 0)], 7).is_empty());
         // Submitted after the sample: not held against the kernel's count.
         cs.apply(&[ev(EventKind::Write, 16, 8, 0, 8)], 9);
         assert!(cs.witness(&[(k, counters(1016, 0), 8)], 9).is_empty());
-        // The kernel completed 24 sectors more than were captured: alarm.
+        // The kernel completed 24 sectors more than were captured: alarm,
+        // with the gap starting at the last idle moment.
         assert_eq!(cs.witness(&[(k, counters(1048, 0), 0)], 10), vec![k]);
         assert_eq!(cs.gaps().len(), 1);
-        assert_eq!(cs.gaps()[0].from_ns, 9, "gap starts at the last quiescent check");
+        assert_eq!(cs.gaps()[0].from_ns, 9, "gap starts at the last idle check");
     }
 
     #[test]

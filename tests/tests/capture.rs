@@ -202,9 +202,12 @@ fn witness_catches_events_lost_after_capture() {
     require_root();
     let dev = LoopDevice::new("witness", 64);
     let mut tracker = Tracker::start(&TrackerOptions::default()).expect("tracker");
-    tracker.check().unwrap(); // device idle: the witness commits its offset
     direct_write(&dev.path, 0, 8);
+    // Two samples with nothing moving in between: the witness commits.
     tracker.check().unwrap();
+    tracker.check().unwrap();
+    let committed = tracker.changes().device(&dev.key()).and_then(|d| d.witness.committed_offset);
+    assert!(committed.is_some(), "an idle device must give the witness a reference");
     assert!(tracker.changes().gaps().iter().all(|g| !g.covers(dev.key())), "no loss yet");
 
     direct_write(&dev.path, 800, 64);
