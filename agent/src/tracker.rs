@@ -45,6 +45,8 @@ pub struct LossCounters {
     pub dropped_events: u64,
     pub corrupt_rings: u64,
     pub recursion_misses: HashMap<&'static str, u64>,
+    /// Events a program could not publish at all (no ring): never expected.
+    pub unpublishable: u64,
     pub witness_alarms: u64,
 }
 
@@ -150,7 +152,6 @@ impl Tracker {
     /// Call about once a second.
     pub fn check(&mut self) -> Result<(), TrackerError> {
         // Witness samples first, then drain (see ChangeSets::witness).
-        let sampled_ns = monotonic_ns();
         let samples: Vec<_> = self
             .changes
             .devices()
@@ -161,6 +162,9 @@ impl Tracker {
                 Some((*key, counters))
             })
             .collect();
+        // Stamped AFTER the counters were read: a write stamped later was
+        // submitted after the read, so the kernel cannot have counted it.
+        let sampled_ns = monotonic_ns();
         self.poll();
         let now = self.last_drain_ns;
         let samples: Vec<_> = samples
@@ -189,6 +193,16 @@ impl Tracker {
                     format!("{name}: {missed} runs skipped by the kernel (recursion)"),
                 );
             }
+        }
+        let unpublishable = self.capture.unpublishable()?;
+        if unpublishable > self.loss.unpublishable {
+            self.changes.record_gap(
+                GapScope::AllDevices,
+                self.last_check_ns,
+                now,
+                format!("{} events could not be published", unpublishable - self.loss.unpublishable),
+            );
+            self.loss.unpublishable = unpublishable;
         }
         self.changes.discover(&Disk::all(), now);
         self.capture.flush_kernel_logs();

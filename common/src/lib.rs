@@ -14,6 +14,11 @@ pub const RING_SLOTS: u32 = 1 << 13;
 /// Name of the array map (one element per possible CPU) holding the rings.
 pub const RINGS_MAP: &str = "RINGS";
 
+/// Name of the one-element array counting events a program could not even
+/// try to publish (its ring could not be looked up). Never expected; if it
+/// moves, every device has a gap.
+pub const UNPUBLISHABLE_MAP: &str = "UNPUBLISHABLE";
+
 /// Program names, as the agent attaches them.
 pub mod programs {
     pub const BIO_QUEUE_BTF: &str = "bio_queue_btf";

@@ -173,6 +173,7 @@ impl Harness {
         let loss = t.loss();
         assert_eq!(loss.dropped_events, 0, "events dropped: {loss:?}");
         assert_eq!(loss.corrupt_rings, 0, "{loss:?}");
+        assert_eq!(loss.unpublishable, 0, "{loss:?}");
         assert!(loss.recursion_misses.values().all(|&m| m == 0), "recursion misses: {loss:?}");
         assert!(loss.events > 0, "the tracker saw no events at all: {loss:?}");
     }

@@ -35,6 +35,9 @@ static CONFIG: ProgramConfig = ProgramConfig::EMPTY;
 #[map(name = "RINGS")]
 static RINGS: Array<CpuRing> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
+#[map(name = "UNPUBLISHABLE")]
+static UNPUBLISHABLE: Array<u64> = Array::with_max_entries(1, 0);
+
 #[inline(always)]
 fn config() -> &'static ProgramConfig {
     // The volatile read keeps the compiler from folding the placeholder
@@ -72,6 +75,10 @@ fn publish<C: EbpfContext>(
     let cfg = config();
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(ring) = RINGS.get_ptr_mut(set as u32 * cfg.nr_cpus + cpu) else {
+        // No ring to count the loss in: count it where the agent still looks.
+        if let Some(count) = UNPUBLISHABLE.get_ptr_mut(0) {
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(count, 1) };
+        }
         return;
     };
     // SAFETY: this program is the only producer of this ring on this CPU

@@ -19,7 +19,7 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use cbt_common::{programs, CaptureEvent, ProgramConfig, CONFIG_GLOBAL, RINGS_MAP};
+use cbt_common::{programs, CaptureEvent, ProgramConfig, CONFIG_GLOBAL, RINGS_MAP, UNPUBLISHABLE_MAP};
 pub use rings::DrainReport;
 use rings::Rings;
 
@@ -146,9 +146,7 @@ impl Capture {
             .ok();
         let rings = match ebpf.map(RINGS_MAP) {
             Some(Map::Array(data)) => Rings::map(data.fd().as_fd(), ring_count)?,
-            _ => return Err(CaptureError::Load(aya::EbpfError::MapError(aya::maps::MapError::InvalidName {
-                name: RINGS_MAP.into(),
-            }))),
+            _ => return Err(missing_map(RINGS_MAP)),
         };
         // The passthrough hook goes first so that once the bio hook is live,
         // nothing that changes content is unobserved.
@@ -204,6 +202,14 @@ impl Capture {
         }
     }
 
+    /// Events the programs could not publish at all (see
+    /// [`UNPUBLISHABLE_MAP`]), cumulative.
+    pub fn unpublishable(&self) -> Result<u64, CaptureError> {
+        let map = self.ebpf.map(UNPUBLISHABLE_MAP).ok_or_else(|| missing_map(UNPUBLISHABLE_MAP))?;
+        let array = aya::maps::Array::<_, u64>::try_from(map).map_err(|e| CaptureError::Load(e.into()))?;
+        array.get(&0, 0).map_err(|e| CaptureError::Load(e.into()))
+    }
+
     /// Statistics of each attached program, by name.
     pub fn program_stats(&self) -> Result<Vec<(&'static str, ProgramStats)>, CaptureError> {
         self.attached
@@ -215,6 +221,10 @@ impl Capture {
             })
             .collect()
     }
+}
+
+fn missing_map(name: &str) -> CaptureError {
+    CaptureError::Load(aya::EbpfError::MapError(aya::maps::MapError::InvalidName { name: name.into() }))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
