@@ -77,8 +77,9 @@ pub struct ChangeSets {
     chunk_shift: u32,
     devices: BTreeMap<DeviceKey, DeviceChanges>,
     gaps: Vec<Gap>,
-    /// Classic hooks report only `dev`: its current instance, as last resolved.
-    classic_instances: HashMap<u32, DeviceKey>,
+    /// Classic hooks report only `dev`: its current instance as last
+    /// resolved, and the start of the batch that resolved it.
+    classic_instances: HashMap<u32, (DeviceKey, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,54 +143,58 @@ impl ChangeSets {
         }
     }
 
-    /// Applies one drain's events. `now_ns` is the drain time.
-    pub fn apply(&mut self, events: &[CaptureEvent], now_ns: u64) {
+    /// Applies one drain's events, all submitted within `[from_ns, to_ns]`
+    /// (from the start of the previous drain to the end of this one: the
+    /// programs stamp nothing, a clock read costs more than the rest).
+    pub fn apply(&mut self, events: &[CaptureEvent], from_ns: u64, to_ns: u64) {
         // Classic events are resolved once per device per batch: sysfs is
         // far too slow to consult per event.
         let mut resolved = HashMap::new();
         for ev in events {
             let key = match ev.diskseq {
-                0 => *resolved.entry(ev.dev).or_insert_with(|| self.resolve_classic(ev.dev, now_ns)),
+                0 => *resolved.entry(ev.dev).or_insert_with(|| self.resolve_classic(ev.dev, from_ns, to_ns)),
                 diskseq => DeviceKey { dev: ev.dev, diskseq },
             };
-            self.apply_change(key, ev, now_ns);
+            self.apply_change(key, ev, from_ns, to_ns);
         }
     }
 
-    fn resolve_classic(&mut self, dev: u32, now_ns: u64) -> DeviceKey {
+    fn resolve_classic(&mut self, dev: u32, from_ns: u64, to_ns: u64) -> DeviceKey {
         // Classic hooks: the instance is whatever holds `dev` now. If that
         // changed since we last looked, events in between cannot be
         // attributed: both instances get a gap.
         let current = devices::instance_of(dev).map(|d| d.key);
         let previous = self.classic_instances.get(&dev).copied();
         let key = match (previous, current) {
-            (Some(p), Some(c)) if p == c => c,
-            (Some(p), c) => {
-                let since = self.devices.get(&p).map_or(0, |d| d.last_event_ns);
-                self.record_gap(GapScope::Device(p), since, now_ns, "device number reused (classic hooks)");
+            (Some((p, _)), Some(c)) if p == c => c,
+            (Some((p, resolved_from)), c) => {
+                // The number changed hands after the batch that last saw
+                // the old instance began: events since may belong to either.
                 let c = c.unwrap_or(DeviceKey { dev, diskseq: 0 });
-                self.record_gap(GapScope::Device(c), since, now_ns, "device number reused (classic hooks)");
+                for k in [p, c] {
+                    self.record_gap(GapScope::Device(k), resolved_from, to_ns, "device number reused (classic hooks)");
+                }
                 c
             }
             (None, c) => c.unwrap_or(DeviceKey { dev, diskseq: 0 }),
         };
-        self.classic_instances.insert(dev, key);
+        self.classic_instances.insert(dev, (key, from_ns));
         key
     }
 
-    fn apply_change(&mut self, key: DeviceKey, ev: &CaptureEvent, now_ns: u64) {
+    fn apply_change(&mut self, key: DeviceKey, ev: &CaptureEvent, from_ns: u64, to_ns: u64) {
         let Some(kind) = EventKind::from_u32(ev.kind) else {
-            self.record_gap(GapScope::AllDevices, ev.ts_ns, now_ns, format!("undecodable event kind {}", ev.kind));
+            self.record_gap(GapScope::AllDevices, from_ns, to_ns, format!("undecodable event kind {}", ev.kind));
             return;
         };
         if ev.dev == 0 {
-            self.record_gap(GapScope::AllDevices, ev.ts_ns, now_ns, "event without a device");
+            self.record_gap(GapScope::AllDevices, from_ns, to_ns, "event without a device");
             return;
         }
         let shift = self.chunk_shift - 9;
-        let d = self.entry(key, now_ns);
+        let d = self.entry(key, to_ns);
         d.events[kind as usize] += 1;
-        d.last_event_ns = d.last_event_ns.max(ev.ts_ns);
+        d.last_event_ns = d.last_event_ns.max(to_ns);
         let range = match kind {
             EventKind::Unclassified => None,
             EventKind::ZoneAppend => d.zone_sectors.map(|z| {
@@ -201,8 +206,8 @@ impl ChangeSets {
         let Some((start, end)) = range else {
             self.record_gap(
                 GapScope::Device(key),
-                ev.ts_ns,
-                ev.ts_ns,
+                from_ns,
+                to_ns,
                 format!("{kind:?} op {} cannot be placed on the device", ev.raw_op),
             );
             return;
@@ -299,8 +304,8 @@ mod tests {
     const SEQ: u64 = 42;
     const DEV: u32 = 7 << 20 | 9;
 
-    fn ev(kind: EventKind, sector: u64, nr: u32, cookie: u64, ts: u64) -> CaptureEvent {
-        CaptureEvent { ts_ns: ts, sector, diskseq: SEQ, cookie, dev: DEV, nr_sectors: nr, kind: kind as u32, raw_op: 0 }
+    fn ev(kind: EventKind, sector: u64, nr: u32) -> CaptureEvent {
+        CaptureEvent { sector, diskseq: SEQ, cookie: 0, dev: DEV, nr_sectors: nr, kind: kind as u32, raw_op: 0 }
     }
 
     fn key() -> DeviceKey {
@@ -311,10 +316,10 @@ mod tests {
     fn straddling_write_marks_both_chunks() {
         let mut cs = ChangeSets::new(4096).unwrap();
         // 4 KiB starting at sector 4: chunks 0 and 1.
-        cs.apply(&[ev(EventKind::Write, 4, 8, 0, 1)], 2);
+        cs.apply(&[ev(EventKind::Write, 4, 8)], 1, 2);
         assert_eq!(cs.device(&key()).unwrap().changed.iter().collect::<Vec<_>>(), vec![0, 1]);
         // One sector at the last sector of chunk 5.
-        cs.apply(&[ev(EventKind::Discard, 47, 1, 0, 1)], 2);
+        cs.apply(&[ev(EventKind::Discard, 47, 1)], 1, 2);
         assert!(cs.device(&key()).unwrap().changed.contains(5));
         assert!(!cs.device(&key()).unwrap().changed.contains(6));
     }
@@ -322,7 +327,7 @@ mod tests {
     #[test]
     fn empty_write_is_a_flush_not_a_change() {
         let mut cs = ChangeSets::new(4096).unwrap();
-        cs.apply(&[ev(EventKind::Write, 0, 0, 5, 1)], 2);
+        cs.apply(&[ev(EventKind::Write, 0, 0)], 1, 2);
         assert!(cs.device(&key()).unwrap().changed.is_empty());
         assert!(cs.gaps().is_empty());
     }
@@ -330,7 +335,7 @@ mod tests {
     #[test]
     fn unclassified_op_is_a_device_gap() {
         let mut cs = ChangeSets::new(4096).unwrap();
-        cs.apply(&[ev(EventKind::Unclassified, 0, 0, 0, 10)], 20);
+        cs.apply(&[ev(EventKind::Unclassified, 0, 0)], 19, 20);
         assert_eq!(cs.gaps().len(), 1);
         assert!(cs.gaps()[0].covers(key()));
         assert!(!cs.gaps()[0].covers(DeviceKey { dev: DEV, diskseq: SEQ + 1 }));
@@ -339,7 +344,7 @@ mod tests {
     #[test]
     fn zone_append_without_zone_size_is_a_gap() {
         let mut cs = ChangeSets::new(4096).unwrap();
-        cs.apply(&[ev(EventKind::ZoneAppend, 0, 8, 0, 10)], 20);
+        cs.apply(&[ev(EventKind::ZoneAppend, 0, 8)], 19, 20);
         assert_eq!(cs.gaps().len(), 1);
     }
 
@@ -350,20 +355,20 @@ mod tests {
         let counters = |sectors, in_flight| KernelCounters { write_sectors: sectors, discard_sectors: 0, in_flight };
         cs.entry(k, 0).witness.baseline = Some(counters(1000, 0));
         // 8 sectors captured and completed, seen twice unchanged: idle, offset 0.
-        cs.apply(&[ev(EventKind::Write, 0, 8, 0, 1)], 2);
+        cs.apply(&[ev(EventKind::Write, 0, 8)], 1, 2);
         assert!(cs.witness(&[(k, counters(1008, 0), 0)], 3).is_empty());
         assert_eq!(cs.device(&k).unwrap().witness.committed_offset, None, "one sample is not idle");
         assert!(cs.witness(&[(k, counters(1008, 0), 0)], 4).is_empty());
         assert_eq!(cs.device(&k).unwrap().witness.committed_offset, Some(0));
         // 8 more captured but not yet counted by the kernel, which reports
         // nothing in flight (a plugged request): not idle, nothing committed.
-        cs.apply(&[ev(EventKind::Write, 8, 8, 0, 5)], 6);
+        cs.apply(&[ev(EventKind::Write, 8, 8)], 5, 6);
         assert!(cs.witness(&[(k, counters(1008, 0), 0)], 6).is_empty());
         assert_eq!(cs.device(&k).unwrap().witness.committed_offset, Some(0));
         // It completes: the offset returns to 0, no false alarm.
         assert!(cs.witness(&[(k, counters(1016, 0), 0)], 7).is_empty());
         // Submitted after the sample: not held against the kernel's count.
-        cs.apply(&[ev(EventKind::Write, 16, 8, 0, 8)], 9);
+        cs.apply(&[ev(EventKind::Write, 16, 8)], 8, 9);
         assert!(cs.witness(&[(k, counters(1016, 0), 8)], 9).is_empty());
         // The kernel completed 24 sectors more than were captured: alarm,
         // with the gap starting at the last idle moment.

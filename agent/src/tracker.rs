@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use cbt_common::CaptureEvent;
 
 use crate::{
-    capture::{Capture, CaptureError, CaptureOptions, Flavor, ProgramStats},
+    capture::{Capture, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramStats},
     changes::{ChangeSetError, ChangeSets, GapScope},
     devices::Disk,
 };
@@ -117,10 +117,17 @@ impl Tracker {
 
     /// Drains the rings into the change sets. Cheap; call every few ms.
     pub fn poll(&mut self) {
-        let now = monotonic_ns();
+        self.drain(None);
+    }
+
+    fn drain(&mut self, marks: Option<&[u64]>) -> DrainReport {
+        let started = monotonic_ns();
         self.buf.clear();
-        let report = self.capture.drain(&mut self.buf);
-        self.changes.apply(&self.buf, now);
+        let report = self.capture.drain(&mut self.buf, marks);
+        let ended = monotonic_ns();
+        // Every event here was published after the previous drain started
+        // reading its ring and before this one finished.
+        self.changes.apply(&self.buf, self.last_drain_ns, ended);
         self.loss.drains += 1;
         self.loss.events += report.events;
         self.loss.max_ring_fill = self.loss.max_ring_fill.max(report.max_fill);
@@ -130,14 +137,12 @@ impl Tracker {
             self.changes.record_gap(
                 GapScope::AllDevices,
                 self.last_drain_ns,
-                now,
-                format!(
-                    "event ring overflow: {} events dropped, {} rings damaged",
-                    report.dropped, report.corrupt_rings
-                ),
+                ended,
+                format!("event ring overflow: {} events dropped, {} rings damaged", report.dropped, report.corrupt_rings),
             );
         }
-        self.last_drain_ns = now;
+        self.last_drain_ns = started;
+        report
     }
 
     /// Drains the rings and throws the events away unrecorded, as a bug or
@@ -145,7 +150,7 @@ impl Tracker {
     #[cfg(feature = "fault-injection")]
     pub fn lose_pending_events(&mut self) -> u64 {
         self.buf.clear();
-        self.capture.drain(&mut self.buf).events
+        self.capture.drain(&mut self.buf, None).events
     }
 
     /// The slower checks: witness counters, recursion misses, new devices.
@@ -162,18 +167,20 @@ impl Tracker {
                 Some((*key, counters))
             })
             .collect();
-        // Stamped AFTER the counters were read: a write stamped later was
-        // submitted after the read, so the kernel cannot have counted it.
-        let sampled_ns = monotonic_ns();
-        self.poll();
-        let now = self.last_drain_ns;
+        // Marked AFTER the counters were read: an event published past the
+        // marks was submitted after the read, so the kernel cannot have
+        // counted its completion.
+        let marks = self.capture.marks();
+        let report = self.drain(Some(&marks));
+        let now = monotonic_ns();
         let samples: Vec<_> = samples
             .into_iter()
             .map(|(key, counters)| {
-                let after: u64 = self
-                    .buf
+                let after: u64 = report
+                    .after_marks
                     .iter()
-                    .filter(|e| e.dev == key.dev && e.ts_ns > sampled_ns)
+                    .flat_map(|range| &self.buf[range.clone()])
+                    .filter(|e| e.dev == key.dev)
                     .map(|e| e.nr_sectors as u64)
                     .sum();
                 (key, counters, after)

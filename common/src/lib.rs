@@ -6,7 +6,7 @@
 
 /// Slots in each CPU's event ring. A power of two so the producer can mask.
 ///
-/// 8 Ki slots × 48 B = 384 KiB per ring. At 250 k events/s on one CPU and a
+/// 8 Ki slots × 40 B = 320 KiB per ring. At 250 k events/s on one CPU and a
 /// 10 ms drain period 2.5 k slots are in use: a 3× margin before overflow,
 /// and overflow is counted, never silent.
 pub const RING_SLOTS: u32 = 1 << 13;
@@ -63,8 +63,6 @@ impl EventKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CaptureEvent {
-    /// CLOCK_MONOTONIC nanoseconds when the program ran (`bpf_ktime_get_ns`).
-    pub ts_ns: u64,
     /// First sector (512 B) on the WHOLE disk, partitions already remapped.
     pub sector: u64,
     /// Per-boot device instance number of the whole disk (`diskseq`);
@@ -147,8 +145,8 @@ pub struct ProgramConfig {
     pub bio_sector: u32,
     pub bio_size: u32,
     pub bdev_disk: u32,
-    pub bdev_dev: u32,
-    pub disk_part0: u32,
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
     pub disk_seq: u32,
     pub rq_cmd_flags: u32,
     pub rq_q: u32,
@@ -175,8 +173,8 @@ impl ProgramConfig {
         bio_sector: 0,
         bio_size: 0,
         bdev_disk: 0,
-        bdev_dev: 0,
-        disk_part0: 0,
+        disk_major: 0,
+        disk_first_minor: 0,
         disk_seq: 0,
         rq_cmd_flags: 0,
         rq_q: 0,

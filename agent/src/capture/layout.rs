@@ -42,8 +42,8 @@ pub fn fill_btf(cfg: &mut ProgramConfig, btf: &Btf) -> Result<(), CaptureError> 
     cfg.bio_sector = btf.offset_of("bio", "bi_iter.bi_sector", 8)?;
     cfg.bio_size = btf.offset_of("bio", "bi_iter.bi_size", 4)?;
     cfg.bdev_disk = btf.offset_of("block_device", "bd_disk", 8)?;
-    cfg.bdev_dev = btf.offset_of("block_device", "bd_dev", 4)?;
-    cfg.disk_part0 = btf.offset_of("gendisk", "part0", 8)?;
+    cfg.disk_major = btf.offset_of("gendisk", "major", 4)?;
+    cfg.disk_first_minor = btf.offset_of("gendisk", "first_minor", 4)?;
     cfg.disk_seq = btf.offset_of("gendisk", "diskseq", 8)?;
     cfg.rq_cmd_flags = btf.offset_of("request", "cmd_flags", 4)?;
     cfg.rq_q = btf.offset_of("request", "q", 8)?;

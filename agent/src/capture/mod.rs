@@ -190,9 +190,15 @@ impl Capture {
         Rings::kernel_bytes(self.nr_cpus)
     }
 
-    /// Moves every published event into `out`.
-    pub fn drain(&mut self, out: &mut Vec<CaptureEvent>) -> DrainReport {
-        self.rings.drain(out)
+    /// Moves every published event into `out`; with `marks` (from
+    /// [`Capture::marks`]) the report tells which were published after them.
+    pub fn drain(&mut self, out: &mut Vec<CaptureEvent>, marks: Option<&[u64]>) -> DrainReport {
+        self.rings.drain(out, marks)
+    }
+
+    /// Publish positions now, for [`Capture::drain`].
+    pub fn marks(&self) -> Vec<u64> {
+        self.rings.marks()
     }
 
     /// Forwards the programs' log records to `tracing`.

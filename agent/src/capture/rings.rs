@@ -24,7 +24,7 @@ pub struct Rings {
 unsafe impl Send for Rings {}
 
 /// What one drain found besides events.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DrainReport {
     pub events: u64,
     /// Events the kernel could not publish since the last drain.
@@ -34,6 +34,9 @@ pub struct DrainReport {
     /// A ring whose head/tail made no sense (memory damaged): its contents
     /// were discarded, which the caller must treat as loss.
     pub corrupt_rings: u64,
+    /// With marks: index ranges of `out` holding events published after
+    /// the marks were taken.
+    pub after_marks: Vec<std::ops::Range<usize>>,
 }
 
 const ELEM_SIZE: usize = std::mem::size_of::<CpuRing>().next_multiple_of(8);
@@ -80,11 +83,22 @@ impl Rings {
         unsafe { self.base.as_ptr().add(i * ELEM_SIZE).cast() }
     }
 
+    /// The current publish position of every ring: events published later
+    /// are at or past these marks.
+    pub fn marks(&self) -> Vec<u64> {
+        (0..self.count)
+            // SAFETY: as in `drain`.
+            .map(|i| unsafe { AtomicU64::from_ptr(&raw mut (*self.ring(i)).producer.head).load(Ordering::Acquire) })
+            .collect()
+    }
+
     /// Copies every published event into `out` and frees the slots.
     ///
     /// An event whose program finished before this call started is always
-    /// included: the program's publish is the last thing it does.
-    pub fn drain(&mut self, out: &mut Vec<CaptureEvent>) -> DrainReport {
+    /// included: the program's publish is the last thing it does. With
+    /// `marks` (from [`Rings::marks`]), the report says which of the copied
+    /// events were published after the marks.
+    pub fn drain(&mut self, out: &mut Vec<CaptureEvent>, marks: Option<&[u64]>) -> DrainReport {
         let mut report = DrainReport::default();
         for i in 0..self.count {
             let ring = self.ring(i);
@@ -103,7 +117,11 @@ impl Rings {
                 report.max_fill = report.max_fill.max(fill);
                 out.reserve(fill as usize);
                 let slots = &raw const (*ring).slots;
+                let first_after = marks.map_or(head, |m| m[i].clamp(tail, head));
                 for seq in tail..head {
+                    if seq == first_after {
+                        report.after_marks.push(out.len()..out.len() + (head - first_after) as usize);
+                    }
                     let slot = (slots as *const CaptureEvent).add((seq & (RING_SLOTS as u64 - 1)) as usize);
                     out.push(std::ptr::read_volatile(slot));
                 }
