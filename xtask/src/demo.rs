@@ -59,9 +59,18 @@ impl Drop for Agent {
 }
 
 pub fn start_agent(status: &Path, show: &str, quiet: bool) -> Result<Agent> {
+    start_agent_with(status, &["--show", show], quiet)
+}
+
+/// [`start_agent`] with other extra arguments. The benchmark passes none:
+/// `--show` lists every changed range in each status, which on a randomly
+/// written disk costs the agent more CPU than capture itself.
+pub fn start_agent_with(status: &Path, extra: &[&str], quiet: bool) -> Result<Agent> {
     let _ = std::fs::remove_file(status);
     let child = Command::new(crate::agent_binary())
-        .args(["run", "--check-interval", "200ms", "--show", show, "--status-file"])
+        .args(["run", "--check-interval", "200ms"])
+        .args(extra)
+        .arg("--status-file")
         .arg(status)
         .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
         .spawn()

@@ -251,7 +251,7 @@ impl Btf {
             bits += off;
             id = ty;
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(err(format!("{structure}.{path} is a bitfield")));
         }
         let size = self.size_of(id)?;
