@@ -137,7 +137,7 @@ impl Harness {
                     let mut t = tracker.lock().expect("tracker lock");
                     t.poll();
                     n += 1;
-                    if n % 100 == 0 {
+                    if n.is_multiple_of(100) {
                         t.check().expect("tracker check");
                     }
                 }
