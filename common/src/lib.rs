@@ -68,8 +68,9 @@ pub struct CaptureEvent {
     /// Per-boot device instance number of the whole disk (`diskseq`);
     /// 0 when the hook cannot see it (classic tracepoints).
     pub diskseq: u64,
-    /// The bio's (or request's) address: tells apart two events that are
-    /// otherwise identical; 0 when the hook has none.
+    /// The bio's (or request's) address; 0 when the hook has none. Not read
+    /// yet: it is what will pair a submission with its completion once
+    /// completions are hooked (see docs/capture.md).
     pub cookie: u64,
     /// Whole-disk device number in the kernel's internal encoding
     /// (`major << 20 | minor`).

@@ -21,8 +21,8 @@ use std::{
 use cbt_agent::{
     capture::{CaptureOptions, Flavor},
     changes::Gap,
-    devices::{DeviceKey, Disk},
-    tracker::{Tracker, TrackerOptions},
+    devices::{DeviceKey, Disk, KernelCounters},
+    tracker::{LossCounters, Tracker, TrackerOptions},
 };
 pub use roaring::RoaringTreemap;
 
@@ -167,6 +167,22 @@ impl Harness {
         self.gaps().into_iter().filter(|g| g.covers(key)).collect()
     }
 
+    /// What the tracker and the kernel's witness counters say about one
+    /// device, after a drain and check.
+    pub fn accounting(&self, key: DeviceKey) -> Accounting {
+        let t = self.settled();
+        let d = t.changes().device(&key).unwrap_or_else(|| panic!("no record for {key}"));
+        Accounting {
+            captured_sectors: d.captured_sectors,
+            baseline: d.witness.baseline.unwrap_or_else(|| panic!("no witness baseline for {key}")),
+            last_kernel: d.witness.last_kernel.unwrap_or_else(|| panic!("no witness sample for {key}")),
+            committed_offset: d.witness.committed_offset,
+            events_by_kind: d.events,
+            loss: t.loss().clone(),
+            gaps: t.changes().gaps().iter().filter(|g| g.covers(key)).cloned().collect(),
+        }
+    }
+
     /// Fails the test if anything was lost anywhere while it ran.
     pub fn assert_no_loss(&self) {
         let t = self.settled();
@@ -185,6 +201,27 @@ impl Drop for Harness {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// See [`Harness::accounting`].
+#[derive(Debug, Clone)]
+pub struct Accounting {
+    pub captured_sectors: u64,
+    pub baseline: KernelCounters,
+    pub last_kernel: KernelCounters,
+    pub committed_offset: Option<i64>,
+    pub events_by_kind: [u64; 8],
+    /// Tracker-wide (every device).
+    pub loss: LossCounters,
+    /// Gaps covering this device.
+    pub gaps: Vec<Gap>,
+}
+
+impl Accounting {
+    /// Sectors the kernel completed for changes since the baseline.
+    pub fn kernel_sectors(&self) -> u64 {
+        self.last_kernel.changed_sectors() - self.baseline.changed_sectors()
     }
 }
 

@@ -51,15 +51,10 @@ fn attach_and_detach_of_other_programs_loses_nothing() {
     let fio_sectors: u64 =
         report["jobs"].as_array().expect("jobs").iter().map(|j| j["write"]["io_bytes"].as_u64().unwrap()).sum::<u64>() / 512;
 
-    let (captured, kernel, gaps) = {
-        // Two checks: the witness needs two idle samples to commit.
-        drop(harness.settled());
-        let t = harness.settled();
-        let d = t.changes().device(&key).expect("device record");
-        let (base, last) = (d.witness.baseline.unwrap(), d.witness.last_kernel.unwrap());
-        let gaps: Vec<_> = t.changes().gaps().iter().filter(|g| g.covers(key)).cloned().collect();
-        (d.captured_sectors, last.changed_sectors() - base.changed_sectors(), gaps)
-    };
+    // Two checks: the witness needs two idle samples to commit.
+    drop(harness.settled());
+    let accounting = harness.accounting(key);
+    let (captured, kernel, gaps) = (accounting.captured_sectors, accounting.kernel_sectors(), accounting.gaps);
     eprintln!("coexistence: {cycles} attach/detach cycles; fio {fio_sectors} sectors, kernel {kernel}, captured {captured}");
     assert_eq!(captured, kernel, "captured vs kernel-completed sectors");
     assert_eq!(captured, fio_sectors, "captured vs fio's bytes written");

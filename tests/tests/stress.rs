@@ -73,14 +73,15 @@ fn fio_stress_is_captured_exactly() {
     // Everything the tracker and the kernel say, printed before any check.
     let truth = image_diff(&image_a, &image_b, GRANULARITY);
     let captured = harness.changed(key);
-    let (captured_sectors, base, last, committed, events_by_kind, loss, gaps) = {
-        let t = harness.settled();
-        let d = t.changes().device(&key).unwrap_or_else(|| panic!("no record for {key}"));
-        let base = d.witness.baseline.unwrap_or_else(|| panic!("no witness baseline for {key}"));
-        let last = d.witness.last_kernel.unwrap_or_else(|| panic!("no witness sample for {key}"));
-        let gaps: Vec<_> = t.changes().gaps().iter().filter(|g| g.covers(key)).cloned().collect();
-        (d.captured_sectors, base, last, d.witness.committed_offset, d.events, t.loss().clone(), gaps)
-    };
+    let cbt_tests::Accounting {
+        captured_sectors,
+        baseline: base,
+        last_kernel: last,
+        committed_offset: committed,
+        events_by_kind,
+        loss,
+        gaps,
+    } = harness.accounting(key);
     let now = Disk::by_name(dev.name()).expect("loop device in sysfs").counters().expect("counters of this instance");
     let kernel = last.changed_sectors() - base.changed_sectors();
     let kernel_now = now.changed_sectors() - base.changed_sectors();
