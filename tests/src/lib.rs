@@ -51,6 +51,10 @@ pub fn scratch_dir() -> PathBuf {
     dir
 }
 
+/// Held while a test allocates loop devices, so a test that frees a loop
+/// number and takes it again cannot lose it to a test running in parallel.
+pub static LOOP_ALLOCATION: Mutex<()> = Mutex::new(());
+
 /// A loop device over a sparse backing file; detached and removed on drop.
 pub struct LoopDevice {
     pub path: String,
@@ -69,6 +73,7 @@ impl LoopDevice {
         let backing = scratch_dir().join(format!("{tag}-{}.img", std::process::id()));
         let f = File::create(&backing).expect("creating backing file");
         f.set_len(size_mib << 20).expect("sizing backing file");
+        let _allocating = LOOP_ALLOCATION.lock().unwrap_or_else(|e| e.into_inner());
         let path = sh(&format!("losetup -f --show {options} {}", backing.display())).trim().to_string();
         Self { path, backing, attached: true }
     }

@@ -122,12 +122,15 @@ fn reused_number(flavor: Flavor) {
     let old = first.key();
     direct_write(&first.path, 40, 8); // chunk 5
     assert_eq!(h.changed(old), chunks(5 * 4096, 4096, 4096));
-    first.detach();
-
-    // Attach another file to the same number right away.
+    // Attach another file to the same number, with no other test of this
+    // process allocating a loop device in between.
     let file = scratch_dir().join(format!("reuse-b-{flavor:?}-{}.img", std::process::id()));
     std::fs::File::create(&file).unwrap().set_len(16 << 20).unwrap();
-    sh(&format!("losetup {} {}", first.path, file.display()));
+    {
+        let _allocating = LOOP_ALLOCATION.lock().unwrap_or_else(|e| e.into_inner());
+        first.detach();
+        sh(&format!("losetup {} {}", first.path, file.display()));
+    }
     let new = cbt_agent::devices::Disk::by_name(first.name()).unwrap().key;
     direct_write(&first.path, 72, 8); // chunk 9
     let settled_new = h.changed(new);
