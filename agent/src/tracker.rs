@@ -77,7 +77,7 @@ impl Tracker {
         let capture = Capture::start(&options.capture)?;
         let now = monotonic_ns();
         changes.discover(&Disk::all(), now);
-        let mut tracker = Self {
+        let tracker = Self {
             capture,
             changes,
             buf: Vec::with_capacity(1 << 14),
@@ -87,7 +87,9 @@ impl Tracker {
             stats: HashMap::new(),
             loss: LossCounters::default(),
         };
-        tracker.stats = tracker.capture.program_stats()?.into_iter().collect();
+        // No baseline read of the programs' counters: they were loaded just
+        // now and start at zero, so a miss between attach and a first read
+        // is counted at the first check instead of being absorbed.
         Ok(tracker)
     }
 
