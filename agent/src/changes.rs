@@ -195,12 +195,17 @@ impl ChangeSets {
         let d = self.entry(key, to_ns);
         d.events[kind as usize] += 1;
         d.last_event_ns = d.last_event_ns.max(to_ns);
+        let zone_of = |z: u64| {
+            let start = ev.sector / z * z;
+            (start, start + z)
+        };
         let range = match kind {
             EventKind::Unclassified => None,
-            EventKind::ZoneAppend => d.zone_sectors.map(|z| {
-                let start = ev.sector / z * z;
-                (start, start + z)
-            }),
+            EventKind::ZoneAppend => d.zone_sectors.map(zone_of),
+            // Classic hooks show zone append as 'N' too, indistinguishable
+            // from write-zeroes, and its data lands at the zone's write
+            // pointer, not at the sector reported: take the whole zone.
+            EventKind::WriteZeroes if ev.diskseq == 0 && d.zone_sectors.is_some() => d.zone_sectors.map(zone_of),
             _ => Some((ev.sector, ev.sector + ev.nr_sectors as u64)),
         };
         let Some((start, end)) = range else {
@@ -375,6 +380,21 @@ mod tests {
         assert_eq!(cs.witness(&[(k, counters(1048, 0), 0)], 10), vec![k]);
         assert_eq!(cs.gaps().len(), 1);
         assert_eq!(cs.gaps()[0].from_ns, 9, "gap starts at the last idle check");
+    }
+
+    #[test]
+    fn classic_n_on_a_zoned_device_covers_the_zone() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        // A classic event (no diskseq) for a device already known as zoned.
+        let dev = 250 << 20; // no such device: resolves to diskseq 0
+        let classic = DeviceKey { dev, diskseq: 0 };
+        cs.entry(classic, 0).zone_sectors = Some(2048);
+        let n = CaptureEvent { sector: 4096, diskseq: 0, cookie: 0, dev, nr_sectors: 8, kind: EventKind::WriteZeroes as u32, raw_op: 0 };
+        cs.apply(&[n], 1, 2);
+        let changed = &cs.device(&classic).unwrap().changed;
+        // Zone 2 = sectors [4096, 6144) = chunks [512, 768).
+        assert_eq!(changed.len(), 256, "the whole zone, not 8 sectors");
+        assert!(changed.contains(512) && changed.contains(767));
     }
 
     #[test]
