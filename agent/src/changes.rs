@@ -64,8 +64,9 @@ pub struct DeviceChanges {
     pub captured_sectors: u64,
     /// Events by [`EventKind`] (index = kind value).
     pub events: [u64; 8],
+    /// When this instance's record began (CLOCK_MONOTONIC ns): nothing
+    /// before it is covered.
     pub first_seen_ns: u64,
-    pub last_event_ns: u64,
     /// Sectors per zone for zoned devices (zone append lands anywhere in it).
     pub zone_sectors: Option<u64>,
     pub witness: Witness,
@@ -194,7 +195,6 @@ impl ChangeSets {
         let shift = self.chunk_shift - 9;
         let d = self.entry(key, to_ns);
         d.events[kind as usize] += 1;
-        d.last_event_ns = d.last_event_ns.max(to_ns);
         let zone_of = |z: u64| {
             let start = ev.sector / z * z;
             (start, start + z)

@@ -139,11 +139,6 @@ impl Disk {
         // Re-check: the device may have been replaced between the reads.
         (Self::by_name(&self.name).ok()?.key == self.key).then_some(counters)
     }
-
-    /// Capacity in bytes.
-    pub fn size_bytes(&self) -> Result<u64, DeviceError> {
-        Ok(parse::<u64>(sys_block(&self.name).join("size"))? * 512)
-    }
 }
 
 /// Parses `/sys/block/X/stat` (Documentation/block/stat.rst).

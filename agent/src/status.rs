@@ -25,6 +25,8 @@ pub struct Status {
 pub struct DeviceStatus {
     pub name: Option<String>,
     pub key: DeviceKey,
+    /// When tracking of this instance began (CLOCK_MONOTONIC ns).
+    pub tracked_since_ns: u64,
     pub changed_chunks: u64,
     pub changed_bytes: u64,
     /// Events by kind name.
@@ -51,6 +53,7 @@ impl Status {
                 DeviceStatus {
                     name: d.name.clone(),
                     key: *key,
+                    tracked_since_ns: d.first_seen_ns,
                     changed_chunks: d.changed.len(),
                     changed_bytes: d.changed.len() * granularity,
                     events: KIND_NAMES

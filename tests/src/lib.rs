@@ -7,7 +7,6 @@
 use std::{
     fs::File,
     io::Read,
-    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -230,6 +229,29 @@ impl Accounting {
     }
 }
 
+/// Everything a failing test's reader needs, on two lines.
+impl std::fmt::Display for Accounting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (base, last, loss) = (&self.baseline, &self.last_kernel, &self.loss);
+        writeln!(
+            f,
+            "captured {} sectors, kernel counted {} (write {} + discard {}, in flight {}), committed offset {:?}; events by kind {:?}",
+            self.captured_sectors,
+            self.kernel_sectors(),
+            last.write_sectors - base.write_sectors,
+            last.discard_sectors - base.discard_sectors,
+            last.in_flight,
+            self.committed_offset,
+            self.events_by_kind,
+        )?;
+        write!(
+            f,
+            "tracker (all devices): {} events, {} drains, max ring fill {}, dropped {}, recursion misses {:?}, witness alarms {}; {} gaps for the device",
+            loss.events, loss.drains, loss.max_ring_fill, loss.dropped_events, loss.recursion_misses, loss.witness_alarms, self.gaps.len()
+        )
+    }
+}
+
 /// Chunks covering byte range `[offset, offset + len)`.
 pub fn chunks(offset: u64, len: u64, granularity: u64) -> RoaringTreemap {
     let mut set = RoaringTreemap::new();
@@ -262,13 +284,6 @@ pub fn image_diff(a: &Path, b: &Path, granularity: u64) -> RoaringTreemap {
         offset += n as u64;
     }
     diff
-}
-
-/// Reads `len` bytes at `offset` of a file.
-pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0; len];
-    File::open(path).unwrap().read_exact_at(&mut buf, offset).unwrap();
-    buf
 }
 
 /// Asserts `captured ⊇ truth` (the contract's first rule) and returns the

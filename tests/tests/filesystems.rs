@@ -601,33 +601,10 @@ fn exercise(fs: Fs) {
     // Everything the tracker and the kernel say, printed before any check.
     let truth = image_diff(&image_a, &image_b, GRANULARITY);
     let captured = harness.changed(key);
-    let cbt_tests::Accounting {
-        captured_sectors,
-        baseline: base,
-        last_kernel: last,
-        committed_offset: committed,
-        events_by_kind,
-        loss,
-        gaps,
-    } = harness.accounting(key);
-    let kernel = last.changed_sectors() as i64 - base.changed_sectors() as i64;
-    let surplus = captured_sectors as i64 - kernel;
-    eprintln!(
-        "{name}: witness: captured {captured_sectors} sectors, kernel counted {kernel} (write {} + discard {}), captured - kernel = {surplus}, committed offset {committed:?}, in flight {}; events by kind {events_by_kind:?}",
-        last.write_sectors - base.write_sectors,
-        last.discard_sectors - base.discard_sectors,
-        last.in_flight,
-    );
-    eprintln!(
-        "{name}: tracker (all devices): {} events, {} drains, max ring fill {}, dropped {}, recursion misses {:?}, witness alarms {}; {} gaps for the device",
-        loss.events,
-        loss.drains,
-        loss.max_ring_fill,
-        loss.dropped_events,
-        loss.recursion_misses,
-        loss.witness_alarms,
-        gaps.len()
-    );
+    let accounting = harness.accounting(key);
+    eprintln!("{name}: {accounting}");
+    let (last, committed, gaps) = (accounting.last_kernel, accounting.committed_offset, &accounting.gaps);
+    let surplus = accounting.captured_sectors as i64 - accounting.kernel_sectors() as i64;
 
     // 1. captured ⊇ truth.
     assert!(truth.len() > 1000, "{name}: the churn changed only {} chunks: the workload did not run", truth.len());

@@ -73,37 +73,22 @@ fn fio_stress_is_captured_exactly() {
     // Everything the tracker and the kernel say, printed before any check.
     let truth = image_diff(&image_a, &image_b, GRANULARITY);
     let captured = harness.changed(key);
-    let cbt_tests::Accounting {
-        captured_sectors,
-        baseline: base,
-        last_kernel: last,
-        committed_offset: committed,
-        events_by_kind,
-        loss,
-        gaps,
-    } = harness.accounting(key);
+    let accounting = harness.accounting(key);
+    let (captured_sectors, base, committed, gaps) =
+        (accounting.captured_sectors, accounting.baseline, accounting.committed_offset, &accounting.gaps);
     let now = Disk::by_name(dev.name()).expect("loop device in sysfs").counters().expect("counters of this instance");
-    let kernel = last.changed_sectors() - base.changed_sectors();
+    let kernel = accounting.kernel_sectors();
     let kernel_now = now.changed_sectors() - base.changed_sectors();
-    let events: u64 = events_by_kind.iter().sum();
+    let events: u64 = accounting.events_by_kind.iter().sum();
     let secs = fio_time.as_secs_f64();
     let total_chunks = (DEVICE_MIB << 20) / GRANULARITY;
     eprintln!("stress: fio ran {secs:.1} s and wrote {fio_write_bytes} bytes ({} sectors)", fio_write_bytes / 512);
+    eprintln!("stress: {accounting}");
     eprintln!(
-        "stress: captured {captured_sectors} sectors; kernel counted {kernel} (write {} + discard {}) at the last check, {kernel_now} now (in flight {})",
-        last.write_sectors - base.write_sectors,
-        last.discard_sectors - base.discard_sectors,
-        now.in_flight
-    );
-    eprintln!(
-        "stress: {events} events for the device ({:.0}/s), {} for all devices; {} drains, max ring fill {} slots, dropped {}, recursion misses {:?}, witness alarms {} (all devices); events by kind {events_by_kind:?}",
+        "stress: {events} events for the device ({:.0}/s), {} for all devices while fio ran; kernel counts {kernel_now} now (in flight {})",
         events as f64 / secs,
-        loss.events - events_before,
-        loss.drains,
-        loss.max_ring_fill,
-        loss.dropped_events,
-        loss.recursion_misses,
-        loss.witness_alarms,
+        accounting.loss.events - events_before,
+        now.in_flight
     );
     eprintln!(
         "stress: {} of {total_chunks} chunks differ from the zero image ({:.1}%); {} gaps for the device",
@@ -138,7 +123,7 @@ fn fio_stress_is_captured_exactly() {
     //    completed change sectors since the baseline, the captured sectors
     //    and fio's bytes written must all agree.
     assert_eq!(now.in_flight, 0, "I/O in flight after fio: {now:?}");
-    assert_eq!(kernel, kernel_now, "the device was written after fio ended: {last:?} then {now:?}");
+    assert_eq!(kernel, kernel_now, "the device was written after fio ended: {:?} then {now:?}", accounting.last_kernel);
     assert_eq!(
         captured_sectors, kernel,
         "captured sectors differ from the kernel's completed change sectors since the baseline"
