@@ -8,5 +8,6 @@
 pub mod capture;
 pub mod changes;
 pub mod devices;
+pub mod query;
 pub mod status;
 pub mod tracker;
