@@ -58,8 +58,11 @@ pub struct Witness {
 #[derive(Debug, Default)]
 pub struct DeviceChanges {
     pub name: Option<String>,
-    /// Changed chunks since tracking of this instance began.
+    /// Changed chunks since the last [`ChangeSets::take_changes`] (the open
+    /// segment of the change log).
     pub changed: RoaringTreemap,
+    /// End of the drain that last brought a change (CLOCK_MONOTONIC ns).
+    pub last_change_ns: u64,
     /// Sum of sectors of all captured change ops (for the witness).
     pub captured_sectors: u64,
     /// Events by [`EventKind`] (index = kind value).
@@ -73,11 +76,32 @@ pub struct DeviceChanges {
 }
 
 
+/// One device's changes handed to the change log at a seal.
+#[derive(Debug)]
+pub struct TakenChanges {
+    pub key: DeviceKey,
+    pub name: Option<String>,
+    pub first_seen_ns: u64,
+    pub last_change_ns: u64,
+    pub chunks: RoaringTreemap,
+}
+
+/// What one witness pass found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WitnessReport {
+    /// Devices whose kernel counters show changes the capture missed.
+    pub short: Vec<DeviceKey>,
+    /// Devices on which every captured change has completed.
+    pub settled: Vec<DeviceKey>,
+}
+
 #[derive(Debug)]
 pub struct ChangeSets {
     chunk_shift: u32,
     devices: BTreeMap<DeviceKey, DeviceChanges>,
     gaps: Vec<Gap>,
+    /// How many of `gaps` [`ChangeSets::new_gaps`] already handed out.
+    gaps_taken: usize,
     /// Classic hooks report only `dev`: its current instance as last
     /// resolved, and the start of the batch that resolved it.
     classic_instances: HashMap<u32, (DeviceKey, u64)>,
@@ -99,6 +123,7 @@ impl ChangeSets {
             chunk_shift: granularity.trailing_zeros(),
             devices: BTreeMap::new(),
             gaps: Vec::new(),
+            gaps_taken: 0,
             classic_instances: HashMap::new(),
         })
     }
@@ -117,6 +142,27 @@ impl ChangeSets {
 
     pub fn gaps(&self) -> &[Gap] {
         &self.gaps
+    }
+
+    /// Gaps recorded since the previous call (all stay in [`Self::gaps`]).
+    pub fn new_gaps(&mut self) -> &[Gap] {
+        let from = std::mem::replace(&mut self.gaps_taken, self.gaps.len());
+        &self.gaps[from..]
+    }
+
+    /// Hands out every device's changes since the previous call and starts
+    /// collecting afresh: the change log seals them into a segment.
+    pub fn take_changes(&mut self) -> Vec<TakenChanges> {
+        self.devices
+            .iter_mut()
+            .map(|(key, d)| TakenChanges {
+                key: *key,
+                name: d.name.clone(),
+                first_seen_ns: d.first_seen_ns,
+                last_change_ns: d.last_change_ns,
+                chunks: std::mem::take(&mut d.changed),
+            })
+            .collect()
     }
 
     pub fn record_gap(&mut self, scope: GapScope, from_ns: u64, to_ns: u64, reason: impl Into<String>) {
@@ -222,6 +268,7 @@ impl ChangeSets {
             return;
         }
         d.captured_sectors += ev.nr_sectors as u64;
+        d.last_change_ns = d.last_change_ns.max(to_ns);
         let (first_chunk, last_chunk) = (start >> shift, (end - 1) >> shift);
         d.changed.insert_range(first_chunk..=last_chunk);
     }
@@ -234,10 +281,14 @@ impl ChangeSets {
     ///
     /// `captured - kernel` is at least the number of sectors in flight; it
     /// can only fall below its value at the last quiescent moment (nothing
-    /// in flight) if the capture missed sectors. Returns the devices found
-    /// short.
-    pub fn witness(&mut self, samples: &[(DeviceKey, KernelCounters, u64)], now_ns: u64) -> Vec<DeviceKey> {
+    /// in flight) if the capture missed sectors.
+    ///
+    /// A device is *settled* when it is idle and `captured - kernel` equals
+    /// its value at the previous idle check: every change captured so far
+    /// has completed, so none is still in flight across a later cut.
+    pub fn witness(&mut self, samples: &[(DeviceKey, KernelCounters, u64)], now_ns: u64) -> WitnessReport {
         let mut short = Vec::new();
+        let mut settled = Vec::new();
         for (key, counters, captured_after) in samples {
             let Some(d) = self.devices.get_mut(key) else { continue };
             let Some(base) = d.witness.baseline else { continue };
@@ -261,6 +312,9 @@ impl ChangeSets {
                     d.witness.last_quiescent_ns = now_ns;
                 }
                 _ if idle => {
+                    if d.witness.committed_offset == Some(offset) {
+                        settled.push(*key);
+                    }
                     d.witness.committed_offset = Some(offset);
                     d.witness.last_quiescent_ns = now_ns;
                 }
@@ -275,7 +329,7 @@ impl ChangeSets {
                 format!("kernel counted {missing} more changed sectors than were captured"),
             );
         }
-        short.into_iter().map(|(k, _, _)| k).collect()
+        WitnessReport { short: short.into_iter().map(|(k, _, _)| k).collect(), settled }
     }
 }
 
@@ -359,25 +413,27 @@ mod tests {
         let k = key();
         let counters = |sectors, in_flight| KernelCounters { write_sectors: sectors, discard_sectors: 0, in_flight };
         cs.entry(k, 0).witness.baseline = Some(counters(1000, 0));
+        let quiet = WitnessReport::default();
         // 8 sectors captured and completed, seen twice unchanged: idle, offset 0.
         cs.apply(&[ev(EventKind::Write, 0, 8)], 1, 2);
-        assert!(cs.witness(&[(k, counters(1008, 0), 0)], 3).is_empty());
+        assert_eq!(cs.witness(&[(k, counters(1008, 0), 0)], 3), quiet);
         assert_eq!(cs.device(&k).unwrap().witness.committed_offset, None, "one sample is not idle");
-        assert!(cs.witness(&[(k, counters(1008, 0), 0)], 4).is_empty());
+        assert_eq!(cs.witness(&[(k, counters(1008, 0), 0)], 4), quiet, "first idle: nothing to compare with");
         assert_eq!(cs.device(&k).unwrap().witness.committed_offset, Some(0));
+        assert_eq!(cs.witness(&[(k, counters(1008, 0), 0)], 5).settled, vec![k], "idle twice, same offset");
         // 8 more captured but not yet counted by the kernel, which reports
         // nothing in flight (a plugged request): not idle, nothing committed.
         cs.apply(&[ev(EventKind::Write, 8, 8)], 5, 6);
-        assert!(cs.witness(&[(k, counters(1008, 0), 0)], 6).is_empty());
+        assert_eq!(cs.witness(&[(k, counters(1008, 0), 0)], 6), quiet);
         assert_eq!(cs.device(&k).unwrap().witness.committed_offset, Some(0));
         // It completes: the offset returns to 0, no false alarm.
-        assert!(cs.witness(&[(k, counters(1016, 0), 0)], 7).is_empty());
+        assert!(cs.witness(&[(k, counters(1016, 0), 0)], 7).short.is_empty());
         // Submitted after the sample: not held against the kernel's count.
         cs.apply(&[ev(EventKind::Write, 16, 8)], 8, 9);
-        assert!(cs.witness(&[(k, counters(1016, 0), 8)], 9).is_empty());
+        assert!(cs.witness(&[(k, counters(1016, 0), 8)], 9).short.is_empty());
         // The kernel completed 24 sectors more than were captured: alarm,
         // with the gap starting at the last idle moment.
-        assert_eq!(cs.witness(&[(k, counters(1048, 0), 0)], 10), vec![k]);
+        assert_eq!(cs.witness(&[(k, counters(1048, 0), 0)], 10).short, vec![k]);
         assert_eq!(cs.gaps().len(), 1);
         assert_eq!(cs.gaps()[0].from_ns, 9, "gap starts at the last idle check");
     }

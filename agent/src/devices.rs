@@ -72,6 +72,14 @@ impl KernelCounters {
     }
 }
 
+/// A device node's place on its whole disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    pub disk: Disk,
+    pub offset_bytes: u64,
+    pub size_bytes: u64,
+}
+
 /// A whole disk present now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
@@ -116,6 +124,22 @@ impl Disk {
             .and_then(|n| n.to_str())
             .ok_or_else(|| DeviceError::NotBlock(path.into()))?;
         Self::by_name(name)
+    }
+
+    /// Where the device node `path` (a disk or a partition) lies: its disk,
+    /// its start on the disk and its size, in bytes.
+    pub fn extent_of(path: &std::path::Path) -> Result<Extent, DeviceError> {
+        use std::os::unix::fs::MetadataExt;
+        let disk = Self::for_path(path)?;
+        let rdev = fs::metadata(path).map_err(|source| DeviceError::Io { path: path.into(), source })?.rdev();
+        let node = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev)));
+        let start_sectors: u64 = if node.join("partition").exists() { parse(node.join("start"))? } else { 0 };
+        let size_sectors: u64 = parse(node.join("size"))?;
+        // The disk may have changed hands between the reads.
+        if Self::for_path(path)?.key != disk.key {
+            return Err(DeviceError::Parse { path: path.into(), content: "device replaced while reading".into() });
+        }
+        Ok(Extent { disk, offset_bytes: start_sectors * 512, size_bytes: size_sectors * 512 })
     }
 
     /// Every whole disk present now.

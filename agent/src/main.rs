@@ -1,20 +1,24 @@
 //! `cbt-agent`: the node agent binary.
 
 use std::{
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use cbt_agent::{
+    admin::{self, AdminService, StatusFn},
     capture::{CaptureOptions, Flavor},
-    devices::Disk,
+    changelog::{lock, ChangeLog, LogQueries, SharedLog},
+    journal::write_atomic,
+    statedir::StateDir,
+    query::MetadataSource,
+    recorder::{Recorder, RecorderOptions},
+    service::{self, MetadataType, ServiceOptions},
     status::Status,
     tracker::{Tracker, TrackerOptions},
+    volumes::{VolumeSpec, Volumes},
 };
 use clap::{Parser, Subcommand};
 
@@ -27,12 +31,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Capture block-device changes until SIGINT/SIGTERM.
+    /// Capture block-device changes and serve the CSI SnapshotMetadata and
+    /// admin APIs until SIGINT/SIGTERM.
     Run(RunArgs),
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Where the change log lives (created if missing, 0700).
+    #[arg(long, default_value = "/var/lib/cbt", env = "CBT_STATE_DIR")]
+    state_dir: PathBuf,
+    /// The CSI socket the external-snapshot-metadata sidecar dials.
+    #[arg(long, default_value = "/run/cbt/csi.sock", env = "CBT_CSI_SOCKET")]
+    csi_socket: PathBuf,
+    /// The local admin socket (`cbtctl snapshot ...`, status).
+    #[arg(long, default_value = "/run/cbt/admin.sock", env = "CBT_ADMIN_SOCKET")]
+    admin_socket: PathBuf,
+    /// The name of the existing CSI driver whose volumes are served: the
+    /// sidecar requires VolumeSnapshotContent.spec.driver to equal it.
+    #[arg(long, default_value = "cbt.example.io", env = "CBT_DRIVER_NAME")]
+    driver_name: String,
+    /// A volume to serve, as NAME=DEVICE (repeatable), e.g. data=/dev/loop3.
+    #[arg(long = "volume", value_name = "NAME=DEVICE")]
+    volumes: Vec<VolumeSpec>,
+    /// Tuples per chunk (FIXED_LENGTH) or coalesced extents (VARIABLE_LENGTH).
+    #[arg(long, value_enum, default_value_t = MetadataType::Variable)]
+    block_metadata_type: MetadataType,
     /// Bytes per tracked chunk (a power of two, 512 B – 1 MiB).
     #[arg(long, default_value_t = 4096)]
     granularity: u64,
@@ -45,14 +69,13 @@ struct RunArgs {
     /// How often loss counters, the kernel witness and devices are checked.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     check_interval: Duration,
-    /// Write a JSON status here after attaching, every check, and at exit.
+    /// How often the open segment of the change log is sealed and persisted
+    /// (snapshots seal at once). A crash loses at most this much as a gap.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    segment_interval: Duration,
+    /// Also write the JSON status here every check.
     #[arg(long)]
     status_file: Option<PathBuf>,
-    /// Devices (e.g. /dev/loop3) whose changed ranges the final status (at
-    /// exit) lists in full; periodic statuses carry only counts, since
-    /// listing a large random set every check costs more than capturing it.
-    #[arg(long = "show")]
-    show: Vec<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -63,50 +86,127 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run(args) => run(args),
-    }
-}
-
-fn run(args: RunArgs) -> Result<()> {
-    let show: Vec<String> = args
-        .show
-        .iter()
-        .map(|p| Disk::for_path(p).map(|d| d.name).with_context(|| format!("--show {}", p.display())))
-        .collect::<Result<_>>()?;
-    let options = TrackerOptions {
-        capture: CaptureOptions { flavor: args.flavor },
-        granularity: args.granularity,
-    };
-    let mut tracker = Tracker::start(&options).context("starting capture")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signal handler")?;
-    }
-    write_status(&tracker, &[], args.status_file.as_deref())?;
-    tracing::info!("tracking; stop with SIGINT or SIGTERM");
-
-    let mut next_check = Instant::now() + args.check_interval;
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(args.poll_interval);
-        tracker.poll();
-        if Instant::now() >= next_check {
-            tracker.check().context("periodic check")?;
-            write_status(&tracker, &[], args.status_file.as_deref())?;
-            next_check = Instant::now() + args.check_interval;
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(run(args))
         }
     }
-    tracker.check().context("final check")?;
-    write_status(&tracker, &show, args.status_file.as_deref())?;
-    tracing::info!("stopped");
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let volumes = Volumes::new(args.volumes.clone())?;
+    for spec in volumes.iter() {
+        match volumes.locate(&spec.name) {
+            Ok(extent) => tracing::info!(volume = %spec, disk = %extent.disk.key, "serving volume"),
+            // Not fatal: the device may appear later (it is looked up at
+            // every snapshot).
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    let state = StateDir::open(&args.state_dir).with_context(|| format!("state directory {}", args.state_dir.display()))?;
+
+    // The CSI socket answers Probe (not ready) while the log loads.
+    let queries = Arc::new(LogQueries::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let csi = {
+        let (socket, source) = (args.csi_socket.clone(), Arc::clone(&queries) as Arc<dyn MetadataSource>);
+        let options = ServiceOptions {
+            block_metadata_type: args.block_metadata_type,
+            ..ServiceOptions::new(args.driver_name.clone())
+        };
+        let stopped = stopped(stop_rx.clone());
+        tokio::spawn(async move { service::serve(&socket, source, options, stopped).await })
+    };
+
+    let options = TrackerOptions { capture: CaptureOptions { flavor: args.flavor }, granularity: args.granularity };
+    let tracker = Tracker::start(&options).context("starting capture")?;
+    state.mark_dirty(b"running").context("writing the run marker")?;
+    let (log, report) = ChangeLog::open(state.path(), args.granularity, tracker.started_ns())
+        .with_context(|| format!("opening the change log in {}", args.state_dir.display()))?;
+    if let Some(damage) = &report.damage {
+        tracing::error!(%damage, "change log damaged: a copy was kept; everything after the damage is a gap");
+    }
+    tracing::info!(?report, "change log loaded");
+    let log: SharedLog = Arc::new(Mutex::new(log));
+    queries.loaded(Arc::clone(&log));
+
+    let recorder = Arc::new(Recorder::spawn(
+        tracker,
+        Arc::clone(&log),
+        RecorderOptions {
+            poll_interval: args.poll_interval,
+            check_interval: args.check_interval,
+            segment_interval: args.segment_interval,
+        },
+    ));
+    let status_volumes = volumes.clone();
+    let status: StatusFn = Arc::new(move |tracker, log| status_json(tracker, log, &status_volumes));
+    let admin = tokio::spawn(admin::serve(
+        args.admin_socket.clone(),
+        AdminService::new(Arc::clone(&log), Arc::clone(&recorder), volumes, Arc::clone(&status)),
+        stopped(stop_rx.clone()),
+    ));
+    tracing::info!(csi = %args.csi_socket.display(), admin = %args.admin_socket.display(), "serving; stop with SIGINT or SIGTERM");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut status_tick = tokio::time::interval(args.check_interval);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = status_tick.tick() => {
+                if recorder.is_finished() {
+                    break;
+                }
+                if let Some(path) = &args.status_file {
+                    let (log, status) = (Arc::clone(&log), Arc::clone(&status));
+                    let value = recorder.with_tracker(move |t| status(t, &lock(&log))).await?;
+                    write_atomic(path, &serde_json::to_vec_pretty(&value)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let outcome = tokio::task::spawn_blocking(move || recorder.stop()).await?;
+    for (name, server) in [("CSI", csi), ("admin", admin)] {
+        if let Err(e) = server.await? {
+            tracing::error!("{name} service: {e}");
+        }
+    }
+    outcome.context("recording")?;
+    state.mark_clean(b"stopped").context("writing the run marker")?;
+    tracing::info!("stopped cleanly");
     Ok(())
 }
 
-/// Atomic replace, so a reader never sees half a status.
-fn write_status(tracker: &Tracker, show: &[String], path: Option<&Path>) -> Result<()> {
-    let Some(path) = path else { return Ok(()) };
-    let json = serde_json::to_vec_pretty(&Status::of(tracker, show))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+fn status_json(tracker: &Tracker, log: &ChangeLog, volumes: &Volumes) -> serde_json::Value {
+    let volumes: Vec<_> = volumes
+        .iter()
+        .map(|spec| {
+            let extent = volumes.locate(&spec.name);
+            serde_json::json!({
+                "name": spec.name,
+                "device": spec.device,
+                "instance": extent.as_ref().ok().map(|e| log.instance_id(e.disk.key).to_string()),
+                "capacity_bytes": extent.as_ref().ok().map(|e| e.size_bytes),
+                "error": extent.as_ref().err().map(ToString::to_string),
+                "snapshots": log.snapshots().filter(|s| s.volume == spec.name).count(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "volumes": volumes,
+        "log": log.stats(),
+        "gaps": log.gaps(),
+        "snapshots": log.snapshots().collect::<Vec<_>>(),
+        "capture": Status::of(tracker, &[]),
+    })
 }

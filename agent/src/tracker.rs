@@ -7,7 +7,7 @@ use cbt_common::CaptureEvent;
 
 use crate::{
     capture::{Capture, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramStats},
-    changes::{ChangeSetError, ChangeSets, GapScope},
+    changes::{ChangeSetError, ChangeSets, Gap, GapScope, TakenChanges},
     devices::Disk,
 };
 
@@ -17,6 +17,27 @@ pub enum TrackerError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     ChangeSets(#[from] ChangeSetError),
+    #[error("membarrier(MEMBARRIER_CMD_GLOBAL) failed: {0}")]
+    Membarrier(std::io::Error),
+}
+
+/// Everything captured since the previous seal, cut at one instant.
+#[derive(Debug)]
+pub struct Seal {
+    /// The cut (CLOCK_MONOTONIC ns): every change submitted before it is in
+    /// this seal or an earlier one; later ones may be here too.
+    pub cut_ns: u64,
+    /// No change in this seal was submitted after this.
+    pub end_ns: u64,
+    pub changes: Vec<TakenChanges>,
+}
+
+/// What a periodic check proved.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub at_ns: u64,
+    /// Devices on which every captured change has completed by `at_ns`.
+    pub settled: Vec<crate::devices::DeviceKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +76,7 @@ pub struct Tracker {
     changes: ChangeSets,
     buf: Vec<CaptureEvent>,
     last_drain_ns: u64,
+    last_drain_end_ns: u64,
     last_check_ns: u64,
     started_ns: u64,
     stats: HashMap<&'static str, ProgramStats>,
@@ -82,6 +104,7 @@ impl Tracker {
             changes,
             buf: Vec::with_capacity(1 << 14),
             last_drain_ns: now,
+            last_drain_end_ns: now,
             last_check_ns: now,
             started_ns: now,
             stats: HashMap::new(),
@@ -144,7 +167,30 @@ impl Tracker {
             );
         }
         self.last_drain_ns = started;
+        self.last_drain_end_ns = ended;
         report
+    }
+
+    /// Cuts the record: returns every change captured since the previous
+    /// seal, including every change submitted before the returned cut.
+    pub fn seal(&mut self) -> Result<Seal, TrackerError> {
+        let cut_ns = monotonic_ns();
+        // A program that began before the cut may not have published yet.
+        // Tracepoint programs run with preemption disabled, so an RCU grace
+        // period (what MEMBARRIER_CMD_GLOBAL waits for) outlasts every one
+        // of them; the drain after it sees all their events.
+        wait_for_running_programs()?;
+        self.drain(None);
+        // Instances that exist but never wrote must be known too: a snapshot
+        // of an idle volume needs its tracking start.
+        self.changes.discover(&Disk::all(), monotonic_ns());
+        let end_ns = self.last_drain_end_ns;
+        Ok(Seal { cut_ns, end_ns, changes: self.changes.take_changes() })
+    }
+
+    /// Gaps recorded since the previous call.
+    pub fn new_gaps(&mut self) -> Vec<Gap> {
+        self.changes.new_gaps().to_vec()
     }
 
     /// Drains the rings and throws the events away unrecorded, as a bug or
@@ -157,8 +203,9 @@ impl Tracker {
 
     /// The slower checks: witness counters, recursion misses, new devices.
     /// Call about once a second.
-    pub fn check(&mut self) -> Result<(), TrackerError> {
+    pub fn check(&mut self) -> Result<CheckReport, TrackerError> {
         // Witness samples first, then drain (see ChangeSets::witness).
+        let sampled_at = monotonic_ns();
         let samples: Vec<_> = self
             .changes
             .devices()
@@ -188,7 +235,8 @@ impl Tracker {
                 (key, counters, after)
             })
             .collect();
-        self.loss.witness_alarms += self.changes.witness(&samples, now).len() as u64;
+        let witness = self.changes.witness(&samples, now);
+        self.loss.witness_alarms += witness.short.len() as u64;
 
         for (name, stats) in self.capture.program_stats()? {
             let before = self.stats.insert(name, stats).unwrap_or_default();
@@ -216,6 +264,18 @@ impl Tracker {
         self.changes.discover(&Disk::all(), now);
         self.capture.flush_kernel_logs();
         self.last_check_ns = now;
-        Ok(())
+        // Settled as of the counters' reading: changes drained after it
+        // were not part of the proof.
+        Ok(CheckReport { at_ns: sampled_at, settled: witness.settled })
     }
+}
+
+fn wait_for_running_programs() -> Result<(), TrackerError> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        return Err(TrackerError::Membarrier(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }

@@ -1,0 +1,170 @@
+//! The local admin API: snapshot cut windows (begin before the backend cuts,
+//! commit after) and status. Served on its own UNIX socket, root only.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::{
+    changelog::{lock, LogError, SharedLog, SnapshotInfo},
+    recorder::{Recorder, RecorderError},
+    volumes::{VolumeError, Volumes},
+};
+
+pub mod proto {
+    tonic::include_proto!("cbt.admin.v1");
+}
+
+use proto::{
+    admin_server::{Admin, AdminServer},
+    BeginSnapshotRequest, BeginSnapshotResponse, CommitSnapshotRequest, CommitSnapshotResponse,
+    DeleteSnapshotRequest, DeleteSnapshotResponse, ListSnapshotsRequest, ListSnapshotsResponse, StatusRequest,
+    StatusResponse,
+};
+
+/// Builds the status JSON; runs on the recorder thread with the tracker.
+pub type StatusFn = Arc<dyn Fn(&crate::tracker::Tracker, &crate::changelog::ChangeLog) -> serde_json::Value + Send + Sync>;
+
+pub struct AdminService {
+    log: SharedLog,
+    recorder: Arc<Recorder>,
+    volumes: Volumes,
+    status: StatusFn,
+}
+
+impl AdminService {
+    pub fn new(log: SharedLog, recorder: Arc<Recorder>, volumes: Volumes, status: StatusFn) -> AdminServer<Self> {
+        AdminServer::new(Self { log, recorder, volumes, status })
+    }
+
+    /// Runs a log operation (journal writes, fsync) off the async workers.
+    async fn on_log<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::changelog::ChangeLog) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let log = Arc::clone(&self.log);
+        tokio::task::spawn_blocking(move || f(&mut lock(&log)))
+            .await
+            .map_err(|e| Status::internal(format!("log task failed: {e}")))?
+            .map_err(log_status)
+    }
+}
+
+fn log_status(e: LogError) -> Status {
+    match e {
+        LogError::NoCutBegun(_) => Status::failed_precondition(e.to_string()),
+        LogError::SnapshotExists(_) => Status::already_exists(e.to_string()),
+        LogError::UnknownSnapshot(_) => Status::not_found(e.to_string()),
+        LogError::UnknownInstance(_) => Status::unavailable(format!("{e}; retry in a second")),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn volume_status(e: VolumeError) -> Status {
+    match e {
+        VolumeError::Unknown(_) => Status::not_found(e.to_string()),
+        _ => Status::failed_precondition(e.to_string()),
+    }
+}
+
+fn recorder_status(e: RecorderError) -> Status {
+    Status::internal(format!("sealing the change log: {e}"))
+}
+
+fn validate_handle(handle: &str) -> Result<(), Status> {
+    if handle.is_empty() || handle.len() > 1024 || handle.chars().any(char::is_control) {
+        return Err(Status::invalid_argument("snapshot handle must be 1-1024 printable characters"));
+    }
+    Ok(())
+}
+
+pub fn snapshot_message(s: &SnapshotInfo) -> proto::Snapshot {
+    proto::Snapshot {
+        handle: s.handle.clone(),
+        volume: s.volume.clone(),
+        device: s.instance.to_string(),
+        window_lo: s.lo,
+        window_hi: s.hi,
+        capacity_bytes: s.capacity_bytes,
+        committed_unix_ns: s.committed_unix_ns,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn begin_snapshot(
+        &self,
+        request: Request<BeginSnapshotRequest>,
+    ) -> Result<Response<BeginSnapshotResponse>, Status> {
+        let volume = request.into_inner().volume;
+        self.volumes.locate(&volume).map_err(volume_status)?;
+        let name = volume.clone();
+        let cut_id = self.on_log(move |log| log.begin_cut(&name)).await?;
+        // Not needed for correctness (the window starts before this seal),
+        // but it keeps writes from before the window out of the delta.
+        self.recorder.seal().await.map_err(recorder_status)?;
+        tracing::info!(volume, cut_id, "snapshot cut window opened");
+        Ok(Response::new(BeginSnapshotResponse { cut_id }))
+    }
+
+    async fn commit_snapshot(
+        &self,
+        request: Request<CommitSnapshotRequest>,
+    ) -> Result<Response<CommitSnapshotResponse>, Status> {
+        let CommitSnapshotRequest { volume, handle } = request.into_inner();
+        validate_handle(&handle)?;
+        // The snapshot exists now: the window closes here.
+        let hi = lock(&self.log).now();
+        let extent = self.volumes.locate(&volume).map_err(volume_status)?;
+        self.recorder.seal().await.map_err(recorder_status)?;
+        let (name, id) = (volume.clone(), handle.clone());
+        let info = self
+            .on_log(move |log| {
+                log.commit_snapshot(&name, &id, extent.disk.key, extent.offset_bytes, extent.size_bytes, hi)
+            })
+            .await?;
+        tracing::info!(volume, handle, lo = info.lo, hi = info.hi, "snapshot committed");
+        Ok(Response::new(CommitSnapshotResponse { snapshot: Some(snapshot_message(&info)) }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let handle = request.into_inner().handle;
+        validate_handle(&handle)?;
+        let id = handle.clone();
+        self.on_log(move |log| log.delete_snapshot(&id)).await?;
+        tracing::info!(handle, "snapshot deleted");
+        Ok(Response::new(DeleteSnapshotResponse {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let snapshots = lock(&self.log).snapshots().map(snapshot_message).collect();
+        Ok(Response::new(ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let (log, status) = (Arc::clone(&self.log), Arc::clone(&self.status));
+        let value = self
+            .recorder
+            .with_tracker(move |tracker| status(tracker, &lock(&log)))
+            .await
+            .map_err(recorder_status)?;
+        let json = serde_json::to_string(&value).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(StatusResponse { json }))
+    }
+}
+
+/// Serves the admin API on `socket` (mode 0600: root only) until
+/// `shutdown` completes.
+pub async fn serve(
+    socket: std::path::PathBuf,
+    admin: AdminServer<AdminService>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), crate::service::ServiceError> {
+    crate::service::serve_unix(&socket, 0o600, tonic::service::Routes::new(admin), shutdown).await
+}

@@ -1,0 +1,739 @@
+//! The change log: per device instance, time-stamped segments of changed
+//! chunks, the gaps where the record cannot be trusted, and the snapshot cut
+//! windows; persisted crash-safely and answering allocated / delta queries.
+//!
+//! Time is one *timeline* (ns) across agent restarts and reboots:
+//! `CLOCK_MONOTONIC + base`, where a new boot gets a base that puts its
+//! stamps after every stamp already recorded. Wall-clock jumps do not move
+//! it. Device instances are keyed by boot as well, since `diskseq` restarts
+//! with the kernel.
+//!
+//! Second stage of the data path: it takes [`Seal`]s, settle reports and
+//! gaps from the tracker and hands [`ChunkMap`]s to the query service.
+
+mod record;
+mod segment;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
+};
+
+use roaring::RoaringTreemap;
+use serde::{Deserialize, Serialize};
+
+pub use segment::Segment;
+
+use self::record::{Record, RecordError, SegmentRecord};
+use crate::{
+    changes::{Gap, GapScope},
+    devices::DeviceKey,
+    journal::{Journal, JournalError},
+    query::{ChunkMap, MetadataSource, QueryError},
+    tracker::{monotonic_ns, Seal},
+};
+
+/// A point on the log's timeline, in ns.
+pub type Stamp = u64;
+
+/// A device instance across reboots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct InstanceId {
+    pub boot: u32,
+    pub dev: u32,
+    pub diskseq: u64,
+}
+
+impl InstanceId {
+    pub fn key(&self) -> DeviceKey {
+        DeviceKey { dev: self.dev, diskseq: self.diskseq }
+    }
+}
+
+impl std::fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@boot{}", self.key(), self.boot)
+    }
+}
+
+/// A registered snapshot and its cut window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub handle: String,
+    pub volume: String,
+    pub instance: InstanceId,
+    /// No later than the earliest moment the cut could have happened.
+    pub lo: Stamp,
+    /// No earlier than the moment the snapshot was known to exist.
+    pub hi: Stamp,
+    /// Where the volume starts on the disk (partitions), and its size.
+    pub offset_bytes: u64,
+    pub capacity_bytes: u64,
+    pub committed_unix_ns: u64,
+}
+
+/// A gap as the log keeps it: on the timeline, per instance or for all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GapInfo {
+    pub instance: Option<InstanceId>,
+    pub from: Stamp,
+    pub to: Stamp,
+    pub reason: String,
+}
+
+impl GapInfo {
+    fn hits(&self, instance: InstanceId, lo: Stamp, hi: Stamp) -> bool {
+        self.instance.is_none_or(|i| i == instance) && self.from <= hi && self.to >= lo
+    }
+}
+
+#[derive(Debug)]
+struct InstanceLog {
+    name: String,
+    tracked_since: Stamp,
+    /// Ascending by start.
+    segments: Vec<Segment>,
+    /// The latest moment every captured change was seen completed.
+    settled_at: Option<Stamp>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("state in {dir} was recorded at a granularity of {recorded} B, not {configured} B: keep the old setting or start from an empty state directory")]
+    Granularity { dir: PathBuf, recorded: u64, configured: u64 },
+    #[error("reading the boot id: {0}")]
+    BootId(std::io::Error),
+    #[error("volume {0:?} has no snapshot begun: call `snapshot begin` first")]
+    NoCutBegun(String),
+    #[error("snapshot {0:?} already exists")]
+    SnapshotExists(String),
+    #[error("snapshot {0:?} is not known")]
+    UnknownSnapshot(String),
+    #[error("instance {0} has never been seen by the tracker")]
+    UnknownInstance(InstanceId),
+    #[error("sealing failed: {0}")]
+    Sealing(String),
+    #[error("no seal covers the snapshot window yet (cut {cut} < hi {hi})")]
+    NotSealed { cut: Stamp, hi: Stamp },
+}
+
+/// What opening the state found.
+#[derive(Debug, Default, Serialize)]
+pub struct OpenReport {
+    pub records: usize,
+    pub previous_run_clean: Option<bool>,
+    pub torn_tail_bytes: u64,
+    /// Damage in the journal, if any: everything after it is a gap.
+    pub damage: Option<String>,
+    pub new_boot: bool,
+}
+
+/// Sizes, for status and benchmarks.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct LogStats {
+    pub instances: usize,
+    pub segments: usize,
+    pub segment_chunks: u64,
+    pub segment_bytes: u64,
+    pub journal_bytes: u64,
+    pub snapshots: usize,
+    pub gaps: usize,
+    pub compactions: u64,
+}
+
+pub struct ChangeLog {
+    dir: PathBuf,
+    journal: Journal,
+    granularity: u64,
+    boot_id: String,
+    boot: u32,
+    base: u64,
+    instances: BTreeMap<InstanceId, InstanceLog>,
+    gaps: Vec<GapInfo>,
+    snapshots: BTreeMap<String, SnapshotInfo>,
+    /// Volume → (cut id, lo) of the snapshot begun and not yet committed.
+    cuts: HashMap<String, (u64, Stamp)>,
+    next_cut_id: u64,
+    /// Start of the open segment: the previous seal's cut.
+    last_cut: Stamp,
+    /// Journal size after the last compaction (or open).
+    compacted_bytes: u64,
+    compactions: u64,
+}
+
+const JOURNAL: &str = "changelog.journal";
+/// Compact once the journal has grown this much past its compacted size.
+const COMPACT_SLACK_BYTES: u64 = 64 << 20;
+
+fn boot_id() -> Result<String, LogError> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).map_err(LogError::BootId)
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl ChangeLog {
+    /// Opens (or creates) the log in `dir` and replays it. Everything
+    /// between the previous run's last durable seal and now becomes a gap
+    /// for all devices (the agent was not capturing), as does anything after
+    /// damage in the journal.
+    ///
+    /// `capture_started`: when the capture was attached (`CLOCK_MONOTONIC`):
+    /// the first segment starts there.
+    pub fn open(dir: &Path, granularity: u64, capture_started: u64) -> Result<(Self, OpenReport), LogError> {
+        let (journal, recovered) = Journal::open(&dir.join(JOURNAL))?;
+        let mut report = OpenReport {
+            records: recovered.records.len(),
+            torn_tail_bytes: recovered.torn_tail_bytes,
+            damage: recovered.damage.as_ref().map(|d| format!("at byte {}: {}", d.offset, d.reason)),
+            ..Default::default()
+        };
+        let mut log = Self {
+            dir: dir.to_path_buf(),
+            journal,
+            granularity,
+            boot_id: boot_id()?,
+            boot: 0,
+            base: 0,
+            instances: BTreeMap::new(),
+            gaps: Vec::new(),
+            snapshots: BTreeMap::new(),
+            cuts: HashMap::new(),
+            next_cut_id: 1,
+            last_cut: 0,
+            compacted_bytes: 0,
+            compactions: 0,
+        };
+        let mut previous: Option<(String, u32, u64)> = None;
+        let mut last_durable: Option<Stamp> = None;
+        let mut latest: Stamp = 0;
+        let mut clean = None;
+        let mut undecodable = None;
+        for (index, bytes) in recovered.records.iter().enumerate() {
+            let record = match Record::decode(bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Checksummed but undecodable: written by a newer or
+                    // broken version. Stop here, like at damage.
+                    undecodable = Some(format!("record {index}: {e}"));
+                    break;
+                }
+            };
+            if let Record::Run { boot_id, boot, base, started, granularity: recorded, .. } = &record {
+                if *recorded != granularity {
+                    return Err(LogError::Granularity { dir: dir.into(), recorded: *recorded, configured: granularity });
+                }
+                previous = Some((boot_id.clone(), *boot, *base));
+                last_durable = Some(*started);
+                clean = Some(false);
+            }
+            if let Record::Seal { cut, .. } = &record {
+                last_durable = Some(*cut);
+            }
+            // Clean only if the run's last word was its stop record.
+            if clean.is_some() {
+                clean = Some(matches!(record, Record::Stop { .. }));
+            }
+            latest = latest.max(record_stamp(&record));
+            log.replay(record)?;
+        }
+        if let Some(reason) = undecodable {
+            report.damage.get_or_insert(reason);
+        }
+        report.previous_run_clean = clean;
+        let mono = monotonic_ns();
+        (log.boot, log.base) = match &previous {
+            Some((id, boot, base)) if *id == log.boot_id => (*boot, *base),
+            Some((_, boot, _)) => {
+                report.new_boot = true;
+                (boot + 1, (latest + 1).saturating_sub(mono))
+            }
+            None => (0, 0),
+        };
+        let now = log.now();
+        log.last_cut = log.stamp(capture_started);
+        log.append(&Record::Run {
+            boot_id: log.boot_id.clone(),
+            boot: log.boot,
+            base: log.base,
+            started: now,
+            granularity,
+            pid: std::process::id(),
+        })?;
+        if let Some(since) = last_durable {
+            let reason = match (&report.damage, clean) {
+                (Some(damage), _) => format!("state journal damaged ({damage}): records after it are lost"),
+                (None, Some(true)) => "agent was not running".to_string(),
+                _ => "agent stopped without a clean shutdown".to_string(),
+            };
+            // After damage, even the last intact seal may be followed by
+            // lost gaps: the gap starts at the latest stamp seen, or
+            // earlier, at the last durable seal.
+            log.add_gap(GapInfo { instance: None, from: since.min(latest), to: now, reason })?;
+        }
+        log.journal.sync()?;
+        if report.damage.is_some() || report.torn_tail_bytes > 0 {
+            log.compact()?;
+        }
+        log.compacted_bytes = log.journal.len_bytes();
+        Ok((log, report))
+    }
+
+    fn replay(&mut self, record: Record) -> Result<(), LogError> {
+        match record {
+            Record::Run { .. } | Record::Stop { .. } => {}
+            Record::Instance { id, name, tracked_since } => {
+                self.instances.entry(id).or_insert(InstanceLog { name, tracked_since, segments: Vec::new(), settled_at: None });
+            }
+            Record::Seal { cut, segments } => {
+                for s in segments {
+                    let chunks = record::decode_chunks(&s.chunks)?;
+                    let log = self.instances.get_mut(&s.instance).ok_or(LogError::UnknownInstance(s.instance))?;
+                    log.segments.push(Segment { start: s.start, end: s.end, settled_by: s.settled_by, chunks });
+                }
+                self.last_cut = cut;
+            }
+            Record::Settled { instance, at } => {
+                self.settle_instance(instance, at);
+            }
+            Record::Gap { instance, from, to, reason } => self.gaps.push(GapInfo { instance, from, to, reason }),
+            Record::CutBegun { volume, cut_id, lo } => {
+                self.next_cut_id = self.next_cut_id.max(cut_id + 1);
+                self.cuts.insert(volume, (cut_id, lo));
+            }
+            Record::Snapshot(info) => {
+                if self.cuts.get(&info.volume).is_some_and(|&(_, lo)| lo == info.lo) {
+                    self.cuts.remove(&info.volume);
+                }
+                self.snapshots.insert(info.handle.clone(), info);
+            }
+            Record::SnapshotDeleted { handle } => {
+                self.snapshots.remove(&handle);
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, record: &Record) -> Result<(), LogError> {
+        self.journal.append(&record.encode()?)?;
+        Ok(())
+    }
+
+    /// Now on the timeline.
+    pub fn now(&self) -> Stamp {
+        self.stamp(monotonic_ns())
+    }
+
+    /// A `CLOCK_MONOTONIC` reading of this boot on the timeline.
+    pub fn stamp(&self, monotonic: u64) -> Stamp {
+        monotonic + self.base
+    }
+
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    pub fn instance_id(&self, key: DeviceKey) -> InstanceId {
+        InstanceId { boot: self.boot, dev: key.dev, diskseq: key.diskseq }
+    }
+
+    /// Returns whether a sealed segment changed.
+    fn settle_instance(&mut self, instance: InstanceId, at: Stamp) -> bool {
+        let Some(log) = self.instances.get_mut(&instance) else { return false };
+        let mut changed = false;
+        for seg in log.segments.iter_mut().filter(|s| s.settled_by.is_none() && s.end <= at) {
+            seg.settled_by = Some(at);
+            changed = true;
+        }
+        log.settled_at = Some(at);
+        changed
+    }
+
+    /// Every change captured on `key` had completed at `at_monotonic`.
+    /// Not synced: losing it costs precision only.
+    pub fn settle(&mut self, key: DeviceKey, at_monotonic: u64) -> Result<(), LogError> {
+        let instance = self.instance_id(key);
+        if !self.instances.contains_key(&instance) {
+            return Ok(());
+        }
+        let at = self.stamp(at_monotonic);
+        // Only what changes a sealed segment is worth a record: the open
+        // segment's settle state matters only within this run.
+        if self.settle_instance(instance, at) {
+            self.append(&Record::Settled { instance, at })?;
+        }
+        Ok(())
+    }
+
+    /// Records a gap from the tracker; durable before this returns, since a
+    /// gap may reach back before the last seal.
+    pub fn record_gap(&mut self, gap: &Gap) -> Result<(), LogError> {
+        let instance = match gap.scope {
+            GapScope::AllDevices => None,
+            GapScope::Device(key) => Some(self.instance_id(key)),
+        };
+        let info = GapInfo { instance, from: self.stamp(gap.from_ns), to: self.stamp(gap.to_ns), reason: gap.reason.clone() };
+        self.add_gap(info)?;
+        self.journal.sync()?;
+        Ok(())
+    }
+
+    fn add_gap(&mut self, info: GapInfo) -> Result<(), LogError> {
+        self.append(&Record::Gap { instance: info.instance, from: info.from, to: info.to, reason: info.reason.clone() })?;
+        self.gaps.push(info);
+        Ok(())
+    }
+
+    /// Turns a tracker seal into segments and makes it durable.
+    pub fn apply_seal(&mut self, seal: Seal) -> Result<(), LogError> {
+        let cut = self.stamp(seal.cut_ns);
+        let end = self.stamp(seal.end_ns);
+        let start = self.last_cut;
+        let mut segments = Vec::new();
+        for taken in seal.changes {
+            let instance = self.instance_id(taken.key);
+            if !self.instances.contains_key(&instance) {
+                let name = taken.name.clone().unwrap_or_default();
+                let tracked_since = self.stamp(taken.first_seen_ns);
+                self.append(&Record::Instance { id: instance, name: name.clone(), tracked_since })?;
+                self.instances.insert(instance, InstanceLog { name, tracked_since, segments: Vec::new(), settled_at: None });
+            }
+            if taken.chunks.is_empty() {
+                continue;
+            }
+            let log = self.instances.get_mut(&instance).expect("inserted above");
+            let last_change = taken.last_change_ns + self.base;
+            // Settled already if every change in it was seen completed.
+            let settled_by = log.settled_at.filter(|&at| at >= last_change);
+            let seg = Segment { start, end, settled_by, chunks: taken.chunks };
+            segments.push(SegmentRecord {
+                instance,
+                start,
+                end,
+                settled_by,
+                chunks: record::encode_chunks(&seg.chunks),
+            });
+            log.segments.push(seg);
+        }
+        self.append(&Record::Seal { cut, segments })?;
+        self.journal.sync()?;
+        self.last_cut = cut;
+        if self.journal.len_bytes() > self.compacted_bytes + COMPACT_SLACK_BYTES {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// The start of a snapshot's cut window for `volume`: call before the
+    /// backend cuts. Returns the cut id.
+    pub fn begin_cut(&mut self, volume: &str) -> Result<u64, LogError> {
+        let cut_id = self.next_cut_id;
+        self.next_cut_id += 1;
+        let lo = self.now();
+        self.append(&Record::CutBegun { volume: volume.to_string(), cut_id, lo })?;
+        self.journal.sync()?;
+        self.cuts.insert(volume.to_string(), (cut_id, lo));
+        Ok(cut_id)
+    }
+
+    /// Registers the snapshot whose cut began with [`Self::begin_cut`];
+    /// `hi` is when it was known to exist. A seal at or after `hi` must have
+    /// been applied first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit_snapshot(
+        &mut self,
+        volume: &str,
+        handle: &str,
+        key: DeviceKey,
+        offset_bytes: u64,
+        capacity_bytes: u64,
+        hi: Stamp,
+    ) -> Result<SnapshotInfo, LogError> {
+        if self.snapshots.contains_key(handle) {
+            return Err(LogError::SnapshotExists(handle.to_string()));
+        }
+        let &(_, lo) = self.cuts.get(volume).ok_or_else(|| LogError::NoCutBegun(volume.to_string()))?;
+        if self.last_cut < hi {
+            return Err(LogError::NotSealed { cut: self.last_cut, hi });
+        }
+        let instance = self.instance_id(key);
+        if !self.instances.contains_key(&instance) {
+            return Err(LogError::UnknownInstance(instance));
+        }
+        let info = SnapshotInfo {
+            handle: handle.to_string(),
+            volume: volume.to_string(),
+            instance,
+            lo,
+            hi,
+            offset_bytes,
+            capacity_bytes,
+            committed_unix_ns: unix_ns(),
+        };
+        self.append(&Record::Snapshot(info.clone()))?;
+        self.journal.sync()?;
+        self.cuts.remove(volume);
+        self.snapshots.insert(handle.to_string(), info.clone());
+        Ok(info)
+    }
+
+    pub fn delete_snapshot(&mut self, handle: &str) -> Result<(), LogError> {
+        if self.snapshots.remove(handle).is_none() {
+            return Err(LogError::UnknownSnapshot(handle.to_string()));
+        }
+        self.append(&Record::SnapshotDeleted { handle: handle.to_string() })?;
+        self.journal.sync()?;
+        Ok(())
+    }
+
+    pub fn snapshots(&self) -> impl Iterator<Item = &SnapshotInfo> {
+        self.snapshots.values()
+    }
+
+    pub fn gaps(&self) -> &[GapInfo] {
+        &self.gaps
+    }
+
+    /// The final seal was applied: the next start knows this run ended
+    /// cleanly (its downtime is still a gap).
+    pub fn stop(&mut self) -> Result<(), LogError> {
+        let at = self.now();
+        self.append(&Record::Stop { at })?;
+        self.journal.sync()?;
+        Ok(())
+    }
+
+    fn snapshot(&self, handle: &str) -> Result<&SnapshotInfo, QueryError> {
+        self.snapshots.get(handle).ok_or_else(|| QueryError::NotFound(handle.to_string()))
+    }
+
+    /// Every chunk that may differ between `base` and `target`, in the
+    /// target volume's own chunk numbering (contract §1, §5, §6).
+    pub fn delta(&self, base: &str, target: &str) -> Result<ChunkMap, QueryError> {
+        let (b, t) = (self.snapshot(base)?, self.snapshot(target)?);
+        if base == target {
+            let empty = Arc::new(RoaringTreemap::new());
+            return Ok(ChunkMap { capacity_bytes: t.capacity_bytes, granularity: self.granularity, chunks: empty });
+        }
+        if b.volume != t.volume {
+            return Err(QueryError::InvalidArgument(format!(
+                "base {base:?} is of volume {:?}, target {target:?} of volume {:?}",
+                b.volume, t.volume
+            )));
+        }
+        if b.lo > t.lo {
+            return Err(QueryError::InvalidArgument(format!("base {base:?} was taken after target {target:?}")));
+        }
+        if b.instance != t.instance || b.offset_bytes != t.offset_bytes {
+            return Err(QueryError::FailedPrecondition(format!(
+                "volume {:?} was a different device ({} vs {}) at the two snapshots",
+                t.volume, b.instance, t.instance
+            )));
+        }
+        let log = self
+            .instances
+            .get(&t.instance)
+            .ok_or_else(|| QueryError::FailedPrecondition(format!("no record of device {}", t.instance)))?;
+        let (lo, hi) = (b.lo, t.hi);
+        if log.tracked_since > lo {
+            return Err(QueryError::FailedPrecondition(format!(
+                "tracking of device {} began after base snapshot {base:?} was cut",
+                t.instance
+            )));
+        }
+        if let Some(gap) = self.gaps.iter().find(|g| g.hits(t.instance, lo, hi)) {
+            return Err(QueryError::FailedPrecondition(format!("tracking gap between the snapshots: {}", gap.reason)));
+        }
+        let mut disk_chunks = RoaringTreemap::new();
+        for seg in log.segments.iter().filter(|s| s.overlaps(lo, hi)) {
+            disk_chunks |= &seg.chunks;
+        }
+        let mut chunks = to_volume_chunks(&disk_chunks, t.offset_bytes, t.capacity_bytes, self.granularity);
+        // A grown volume: everything past the base's end is new.
+        if t.capacity_bytes > b.capacity_bytes {
+            chunks.insert_range(b.capacity_bytes / self.granularity..t.capacity_bytes.div_ceil(self.granularity));
+        }
+        Ok(ChunkMap { capacity_bytes: t.capacity_bytes, granularity: self.granularity, chunks: Arc::new(chunks) })
+    }
+
+    /// Every chunk of `handle` that may be non-zero. Without a baseline of
+    /// what the device held when tracking began, that is all of it.
+    pub fn allocated(&self, handle: &str) -> Result<ChunkMap, QueryError> {
+        let s = self.snapshot(handle)?;
+        let mut chunks = RoaringTreemap::new();
+        chunks.insert_range(0..s.capacity_bytes.div_ceil(self.granularity));
+        Ok(ChunkMap { capacity_bytes: s.capacity_bytes, granularity: self.granularity, chunks: Arc::new(chunks) })
+    }
+
+    /// Merges segments no live snapshot window can tell apart and rewrites
+    /// the journal with only the current state (atomic replace).
+    pub fn compact(&mut self) -> Result<(), LogError> {
+        let mut cuts_by_instance: HashMap<InstanceId, Vec<(Stamp, Stamp)>> = HashMap::new();
+        for s in self.snapshots.values() {
+            cuts_by_instance.entry(s.instance).or_default().push((s.lo, s.hi));
+        }
+        for &(_, lo) in self.cuts.values() {
+            // A snapshot being cut: its window starts at lo and its hi will
+            // be later than anything recorded now.
+            for id in self.instances.keys() {
+                cuts_by_instance.entry(*id).or_default().push((lo, Stamp::MAX));
+            }
+        }
+        for (id, log) in self.instances.iter_mut() {
+            let cuts = cuts_by_instance.remove(id).unwrap_or_default();
+            log.segments = segment::compact(std::mem::take(&mut log.segments), &cuts);
+        }
+        let records = self.state_records()?;
+        self.journal.rewrite(records.iter().map(Vec::as_slice))?;
+        self.compacted_bytes = self.journal.len_bytes();
+        self.compactions += 1;
+        Ok(())
+    }
+
+    /// The current state as records, in replay order.
+    fn state_records(&self) -> Result<Vec<Vec<u8>>, LogError> {
+        let mut out = Vec::new();
+        let mut push = |r: Record| -> Result<(), LogError> {
+            out.push(r.encode()?);
+            Ok(())
+        };
+        push(Record::Run {
+            boot_id: self.boot_id.clone(),
+            boot: self.boot,
+            base: self.base,
+            started: self.last_cut,
+            granularity: self.granularity,
+            pid: std::process::id(),
+        })?;
+        let mut segments = Vec::new();
+        for (id, log) in &self.instances {
+            push(Record::Instance { id: *id, name: log.name.clone(), tracked_since: log.tracked_since })?;
+            segments.extend(log.segments.iter().map(|s| SegmentRecord {
+                instance: *id,
+                start: s.start,
+                end: s.end,
+                settled_by: s.settled_by,
+                chunks: record::encode_chunks(&s.chunks),
+            }));
+        }
+        push(Record::Seal { cut: self.last_cut, segments })?;
+        for log in self.instances.iter().filter_map(|(id, l)| l.settled_at.map(|at| (id, at))) {
+            push(Record::Settled { instance: *log.0, at: log.1 })?;
+        }
+        for g in &self.gaps {
+            push(Record::Gap { instance: g.instance, from: g.from, to: g.to, reason: g.reason.clone() })?;
+        }
+        for (volume, &(cut_id, lo)) in &self.cuts {
+            push(Record::CutBegun { volume: volume.clone(), cut_id, lo })?;
+        }
+        for s in self.snapshots.values() {
+            push(Record::Snapshot(s.clone()))?;
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let segments = self.instances.values().flat_map(|l| &l.segments);
+        LogStats {
+            instances: self.instances.len(),
+            segments: segments.clone().count(),
+            segment_chunks: segments.clone().map(|s| s.chunks.len()).sum(),
+            segment_bytes: segments.map(|s| s.chunks.serialized_size() as u64).sum(),
+            journal_bytes: self.journal.len_bytes(),
+            snapshots: self.snapshots.len(),
+            gaps: self.gaps.len(),
+            compactions: self.compactions,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// The change log shared by the recorder, the admin API and the queries.
+pub type SharedLog = Arc<Mutex<ChangeLog>>;
+
+pub fn lock(log: &SharedLog) -> MutexGuard<'_, ChangeLog> {
+    // Every operation changes memory only after its journal write succeeded,
+    // so a panic elsewhere leaves a consistent log behind the poison.
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The query service's view of the log; not ready until the log is loaded
+/// (the CSI socket must answer Probe long before a big journal is replayed).
+#[derive(Default)]
+pub struct LogQueries {
+    log: OnceLock<SharedLog>,
+}
+
+impl LogQueries {
+    /// The log is loaded: queries are answered from now on.
+    pub fn loaded(&self, log: SharedLog) {
+        let _ = self.log.set(log);
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&ChangeLog) -> Result<T, QueryError>) -> Result<T, QueryError> {
+        let log = self.log.get().ok_or_else(|| QueryError::Unavailable("the change log is still loading".into()))?;
+        f(&lock(log))
+    }
+}
+
+impl MetadataSource for LogQueries {
+    fn allocated(&self, snapshot_id: &str) -> Result<ChunkMap, QueryError> {
+        self.with(|log| log.allocated(snapshot_id))
+    }
+
+    fn delta(&self, base_snapshot_id: &str, target_snapshot_id: &str) -> Result<ChunkMap, QueryError> {
+        self.with(|log| log.delta(base_snapshot_id, target_snapshot_id))
+    }
+
+    fn ready(&self) -> bool {
+        self.log.get().is_some()
+    }
+}
+
+/// The latest stamp a record proves the log reached.
+fn record_stamp(record: &Record) -> Stamp {
+    match record {
+        Record::Run { started, .. } => *started,
+        Record::Instance { tracked_since, .. } => *tracked_since,
+        Record::Seal { cut, segments } => segments.iter().map(|s| s.end).fold(*cut, Stamp::max),
+        Record::Settled { at, .. } | Record::Stop { at } => *at,
+        Record::Gap { to, .. } => *to,
+        Record::CutBegun { lo, .. } => *lo,
+        Record::Snapshot(s) => s.hi,
+        Record::SnapshotDeleted { .. } => 0,
+    }
+}
+
+/// Disk chunks → chunks of a volume that starts `offset` bytes into the disk
+/// (a partition) and is `capacity` bytes long. A disk chunk straddling a
+/// volume chunk boundary marks both.
+fn to_volume_chunks(disk: &RoaringTreemap, offset: u64, capacity: u64, granularity: u64) -> RoaringTreemap {
+    if offset == 0 {
+        let mut out = disk.clone();
+        out.remove_range(capacity.div_ceil(granularity)..);
+        return out;
+    }
+    let first = offset / granularity;
+    let last = (offset + capacity).div_ceil(granularity);
+    let mut out = RoaringTreemap::new();
+    for chunk in disk.iter().skip_while(|&c| c < first).take_while(|&c| c < last) {
+        let start = (chunk * granularity).saturating_sub(offset);
+        let end = ((chunk + 1) * granularity - offset).min(capacity);
+        if end > start {
+            out.insert_range(start / granularity..end.div_ceil(granularity));
+        }
+    }
+    out
+}

@@ -1,0 +1,69 @@
+//! What the change log persists: one CBOR-encoded [`Record`] per journal
+//! frame. Records only ever describe facts; replaying them in order rebuilds
+//! the log. Fields added later must be `#[serde(default)]`.
+
+use roaring::RoaringTreemap;
+use serde::{Deserialize, Serialize};
+
+use super::{InstanceId, SnapshotInfo, Stamp};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Record {
+    /// An agent run began: stamps of this boot are `CLOCK_MONOTONIC + base`.
+    Run { boot_id: String, boot: u32, base: u64, started: Stamp, granularity: u64, pid: u32 },
+    /// A device instance was first seen at `tracked_since`.
+    Instance { id: InstanceId, name: String, tracked_since: Stamp },
+    /// A seal: every change submitted before `cut` is in this or an earlier
+    /// seal. Durable once synced; the unit of crash recovery.
+    Seal { cut: Stamp, segments: Vec<SegmentRecord> },
+    /// Every captured change of `instance` had completed by `at`.
+    Settled { instance: InstanceId, at: Stamp },
+    /// Changes in `[from, to]` may be missing; `instance: None` = all.
+    Gap { instance: Option<InstanceId>, from: Stamp, to: Stamp, reason: String },
+    CutBegun { volume: String, cut_id: u64, lo: Stamp },
+    Snapshot(SnapshotInfo),
+    SnapshotDeleted { handle: String },
+    /// The agent stopped after its final seal.
+    Stop { at: Stamp },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    pub instance: InstanceId,
+    pub start: Stamp,
+    pub end: Stamp,
+    pub settled_by: Option<Stamp>,
+    /// Portable roaring serialization of the chunk set.
+    #[serde(with = "serde_bytes")]
+    pub chunks: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("encoding a record: {0}")]
+    Encode(String),
+    #[error("undecodable record: {0}")]
+    Decode(String),
+}
+
+impl Record {
+    pub fn encode(&self) -> Result<Vec<u8>, RecordError> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).map_err(|e| RecordError::Encode(e.to_string()))?;
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        ciborium::from_reader(bytes).map_err(|e| RecordError::Decode(e.to_string()))
+    }
+}
+
+pub fn encode_chunks(chunks: &RoaringTreemap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(chunks.serialized_size());
+    chunks.serialize_into(&mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+pub fn decode_chunks(bytes: &[u8]) -> Result<RoaringTreemap, RecordError> {
+    RoaringTreemap::deserialize_from(bytes).map_err(|e| RecordError::Decode(format!("chunk set: {e}")))
+}
