@@ -157,6 +157,12 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut status_tick = tokio::time::interval(args.check_interval);
+    let write_status = || async {
+        let Some(path) = &args.status_file else { return Ok(()) };
+        let (log, status) = (Arc::clone(&log), Arc::clone(&status));
+        let value = recorder.with_tracker(move |t| status(t, &lock(&log))).await?;
+        write_atomic(path, &serde_json::to_vec_pretty(&value)?).with_context(|| format!("writing {}", path.display()))
+    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -165,14 +171,12 @@ async fn run(args: RunArgs) -> Result<()> {
                 if recorder.is_finished() {
                     break;
                 }
-                if let Some(path) = &args.status_file {
-                    let (log, status) = (Arc::clone(&log), Arc::clone(&status));
-                    let value = recorder.with_tracker(move |t| status(t, &lock(&log))).await?;
-                    write_atomic(path, &serde_json::to_vec_pretty(&value)?)
-                        .with_context(|| format!("writing {}", path.display()))?;
-                }
+                write_status().await?;
             }
         }
+    }
+    if !recorder.is_finished() {
+        write_status().await?;
     }
     let _ = stop_tx.send(true);
     let outcome = tokio::task::spawn_blocking(move || recorder.stop()).await?;

@@ -276,6 +276,7 @@ fn agent_round(dev: &str, runtime: u64, scratch: &Path, timed: bool) -> Result<(
 
     let json: Value = serde_json::from_slice(&std::fs::read(&status).context("reading the agent's final status")?)
         .context("parsing the agent's status")?;
+    let json = &json["capture"];
     let loss = &json["loss"];
     let count = |v: &Value| v.as_u64().unwrap_or(0);
     let events = count(&loss["events"]);

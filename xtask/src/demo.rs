@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 /// A loop device over a sparse file; detached and removed on drop.
 pub struct Loop {
     pub dev: String,
-    file: PathBuf,
+    pub file: PathBuf,
 }
 
 impl Loop {
@@ -58,13 +58,8 @@ impl Drop for Agent {
     }
 }
 
-pub fn start_agent(status: &Path, show: &str, quiet: bool) -> Result<Agent> {
-    start_agent_with(status, &["--show", show], quiet)
-}
-
-/// [`start_agent`] with other extra arguments. The benchmark passes none:
-/// `--show` lists every changed range in each status, which on a randomly
-/// written disk costs the agent more CPU than capture itself.
+/// Starts `cbt-agent run` with `extra` arguments and waits until it has
+/// attached (its first status file appears).
 pub fn start_agent_with(status: &Path, extra: &[&str], quiet: bool) -> Result<Agent> {
     let _ = std::fs::remove_file(status);
     let child = Command::new(crate::agent_binary())
@@ -91,15 +86,62 @@ pub fn run_demo_step(what: &str, cmd: &mut Command) -> Result<()> {
     crate::run(cmd.stdout(Stdio::null()).stderr(Stdio::null()))
 }
 
+/// Runs cbtctl against the demo agent's sockets.
+fn cbtctl(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(crate::root().join("target/release/cbtctl"))
+        .arg("--csi-socket")
+        .arg(dir.join("csi.sock"))
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
+        .args(args)
+        .output()
+        .context("running cbtctl")?;
+    if !out.status.success() {
+        bail!("cbtctl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A snapshot the way a storage backend would take one: the window opens,
+/// the image is cut (here: a copy of the loop device's backing file), the
+/// window closes with the snapshot's handle.
+fn snapshot(dir: &Path, disk: &Loop, handle: &str) -> Result<PathBuf> {
+    cbtctl(dir, &["snapshot", "begin", "demo"])?;
+    let image = dir.join(format!("{handle}.img"));
+    std::fs::copy(&disk.file, &image).context("copying the snapshot image")?;
+    cbtctl(dir, &["snapshot", "commit", "demo", handle])?;
+    Ok(image)
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let out = Command::new("sha256sum").arg(path).output().context("sha256sum")?;
+    Ok(String::from_utf8(out.stdout)?.split_whitespace().next().unwrap_or_default().to_string())
+}
+
 pub fn run() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("cbt-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let disk = Loop::new(&dir.join("disk.img"), 256)?;
     let dev = disk.dev.clone();
-    println!("\n1. A fresh 256 MiB loop device: {dev}");
+    println!("\n1. A fresh 256 MiB loop device: {dev}, served as volume \"demo\"");
     let status = dir.join("status.json");
-    let mut agent = start_agent(&status, &dev, true)?;
-    println!("2. cbt-agent attached its eBPF programs to the block layer\n3. Changing some blocks:");
+    let volume = format!("demo={dev}");
+    let (state, csi, admin) = (dir.join("state"), dir.join("csi.sock"), dir.join("admin.sock"));
+    let args: Vec<&str> = vec![
+        "--volume",
+        &volume,
+        "--state-dir",
+        state.to_str().context("temp dir path")?,
+        "--csi-socket",
+        csi.to_str().context("temp dir path")?,
+        "--admin-socket",
+        admin.to_str().context("temp dir path")?,
+    ];
+    let mut agent = start_agent_with(&status, &args, true)?;
+    println!("2. cbt-agent attached its eBPF programs and serves CSI SnapshotMetadata on {}", csi.display());
+    let base = snapshot(&dir, &disk, "snap-1")?;
+    println!("3. Snapshot snap-1 taken (cbtctl snapshot begin / copy the image / cbtctl snapshot commit)");
+    println!("4. Changing some blocks:");
     let dd = |seek_4k: u64, count: u64| {
         let mut c = Command::new("dd");
         c.args(["if=/dev/urandom", "bs=4096", "oflag=direct"])
@@ -123,35 +165,29 @@ pub fn run() -> Result<()> {
     )?;
     run_demo_step(expected[3].0, Command::new("blkdiscard").args(["-o", "104857600", "-l", "1048576"]).arg(&dev))?;
     run_demo_step(expected[4].0, Command::new("blkdiscard").args(["-z", "-o", "209715200", "-l", "8192"]).arg(&dev))?;
-    agent.stop()?;
-
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&status)?)?;
-    let name = dev.trim_start_matches("/dev/");
-    let device = report["devices"]
+    let target = snapshot(&dir, &disk, "snap-2")?;
+    println!("5. Snapshot snap-2 taken\n\n6. $ cbtctl delta snap-1 snap-2   (GetMetadataDelta over the CSI socket)");
+    print!("{}", cbtctl(&dir, &["delta", "snap-1", "snap-2"])?);
+    let listing: serde_json::Value = serde_json::from_str(&cbtctl(&dir, &["delta", "snap-1", "snap-2", "-o", "json"])?)?;
+    let ranges: Vec<(u64, u64)> = listing["block_metadata"]
         .as_array()
-        .and_then(|d| d.iter().find(|d| d["name"] == name))
-        .context("the agent reported nothing for the demo device")?;
-    let ranges: Vec<(u64, u64)> = device["ranges"]
-        .as_array()
-        .context("no ranges in status")?
+        .context("no block_metadata in the delta")?
         .iter()
-        .map(|r| (r[0].as_u64().unwrap_or(0), r[1].as_u64().unwrap_or(0)))
+        .map(|r| (r["byte_offset"].as_u64().unwrap_or(0), r["size_bytes"].as_u64().unwrap_or(0)))
         .collect();
-    println!("\n4. What the agent saw change on {dev} (flavor {}, {} B chunks):", report["flavor"], report["granularity"]);
-    println!("     {:>12}  {:>10}", "offset", "length");
-    for (off, len) in &ranges {
-        println!("     {off:>12}  {len:>10}");
-    }
-    let gaps = report["gaps"].as_array().map_or(0, Vec::len);
     let all_seen = expected.iter().all(|(_, off, len)| ranges.iter().any(|(o, l)| o <= off && off + len <= o + l));
-    println!(
-        "\n   every change above was seen: {}; tracking gaps: {gaps}; events dropped: {}",
-        if all_seen { "yes" } else { "NO" },
-        report["loss"]["dropped_events"]
-    );
+
+    let restored = dir.join("restored.img");
+    std::fs::copy(&base, &restored)?;
+    println!("\n7. Incremental restore: copy snap-1's image, apply only the delta from snap-2's image");
+    print!("   {}", cbtctl(&dir, &["copy", "snap-1", "snap-2", "--from", target.to_str().unwrap_or_default(), "--onto", restored.to_str().unwrap_or_default()])?);
+    let identical = sha256(&restored)? == sha256(&target)?;
+    println!("   restored image == snap-2 image (sha256): {}", if identical { "yes" } else { "NO" });
+    agent.stop()?;
+    println!("\n   every change above is in the delta: {}", if all_seen { "yes" } else { "NO" });
     let _ = std::fs::remove_dir_all(&dir);
-    if !all_seen {
-        bail!("the agent missed a change");
+    if !all_seen || !identical {
+        bail!("the delta missed a change");
     }
     Ok(())
 }

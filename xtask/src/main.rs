@@ -28,7 +28,8 @@ enum Cmd {
     BuildEbpf,
     /// Build the eBPF object and the agent (release).
     Build,
-    /// Make a loop device, track it, write known blocks, show what was seen.
+    /// Track a loop device, snapshot it, change blocks, snapshot again, list
+    /// the delta over the CSI socket and restore incrementally from it.
     Demo,
     /// Run every test: unit tests and the privileged ones on real devices.
     Test {
@@ -107,7 +108,7 @@ pub fn agent_binary() -> PathBuf {
 
 fn build_release() -> Result<()> {
     build_ebpf()?;
-    run(cargo(None).current_dir(root()).args(["build", "--release", "-p", "cbt-agent"]))
+    run(cargo(None).current_dir(root()).args(["build", "--release", "-p", "cbt-agent", "--bins"]))
 }
 
 fn test(filter: Option<String>) -> Result<()> {
