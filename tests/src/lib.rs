@@ -6,7 +6,6 @@
 
 use std::{
     fs::File,
-    io::Read,
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -24,6 +23,8 @@ use cbt_agent::{
     tracker::{LossCounters, Tracker, TrackerOptions},
 };
 pub use roaring::RoaringTreemap;
+
+pub mod accuracy;
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -261,29 +262,13 @@ pub fn chunks(offset: u64, len: u64, granularity: u64) -> RoaringTreemap {
     set
 }
 
-/// Chunks whose bytes differ between two images (the independent truth).
+/// Chunks whose bytes differ between two images of the same size (the
+/// independent truth). See [`accuracy::changed_chunks`] for images of
+/// different sizes.
 pub fn image_diff(a: &Path, b: &Path, granularity: u64) -> RoaringTreemap {
-    let (mut fa, mut fb) = (File::open(a).expect("image a"), File::open(b).expect("image b"));
-    let (la, lb) = (fa.metadata().unwrap().len(), fb.metadata().unwrap().len());
+    let (la, lb) = (std::fs::metadata(a).expect("image a").len(), std::fs::metadata(b).expect("image b").len());
     assert_eq!(la, lb, "images differ in size");
-    let mut diff = RoaringTreemap::new();
-    let block = 1 << 20;
-    let (mut ba, mut bb) = (vec![0u8; block], vec![0u8; block]);
-    let mut offset = 0u64;
-    while offset < la {
-        let n = (la - offset).min(block as u64) as usize;
-        fa.read_exact(&mut ba[..n]).unwrap();
-        fb.read_exact(&mut bb[..n]).unwrap();
-        if ba[..n] != bb[..n] {
-            for (i, (ca, cb)) in ba[..n].chunks(granularity as usize).zip(bb[..n].chunks(granularity as usize)).enumerate() {
-                if ca != cb {
-                    diff.insert(offset / granularity + i as u64);
-                }
-            }
-        }
-        offset += n as u64;
-    }
-    diff
+    accuracy::changed_chunks(a, b, granularity)
 }
 
 /// Asserts `captured ⊇ truth` (the contract's first rule) and returns the

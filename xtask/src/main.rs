@@ -111,21 +111,39 @@ fn build_release() -> Result<()> {
     run(cargo(None).current_dir(root()).args(["build", "--release", "-p", "cbt-agent", "--bins"]))
 }
 
+pub fn cbtctl_binary() -> PathBuf {
+    root().join("target/release/cbtctl")
+}
+
+/// Where the accuracy tests append their `ACCURACY ...` lines.
+fn accuracy_report() -> PathBuf {
+    root().join("target/accuracy-report.txt")
+}
+
 fn test(filter: Option<String>) -> Result<()> {
     if !nix_is_root() {
         bail!("the tests load eBPF programs and make loop devices: run them as root");
     }
     setup::all()?;
-    build_ebpf()?;
+    // The accuracy tests drive the release binaries (agent and cbtctl).
+    build_release().context("building the release binaries the accuracy tests run")?;
     let filter: Vec<String> = filter.into_iter().collect();
     // Unit tests of every crate, then the privileged suite. Two threads:
     // the suite's tests each make their own devices and tracker.
     run(cargo(None).current_dir(root()).args(["test", "--workspace", "--exclude", "cbt-tests"]).args(&filter))?;
-    run(cargo(None)
-        .current_dir(root())
-        .args(["test", "--release", "-p", "cbt-tests"])
-        .args(&filter)
-        .args(["--", "--test-threads=2"]))
+    let _ = std::fs::remove_file(accuracy_report());
+    let mut suite = cargo(None);
+    suite.current_dir(root()).args(["test", "--release", "-p", "cbt-tests"]).args(&filter).args(["--", "--test-threads=2"]);
+    for (var, path) in [("CBT_AGENT_BIN", agent_binary()), ("CBTCTL_BIN", cbtctl_binary())] {
+        if std::env::var_os(var).is_none() {
+            suite.env(var, path);
+        }
+    }
+    let result = run(&mut suite);
+    if let Ok(report) = std::fs::read_to_string(accuracy_report()) {
+        println!("\nAccuracy (reported / truly changed bytes per workload; {}):\n{report}", accuracy_report().display());
+    }
+    result
 }
 
 pub fn nix_is_root() -> bool {
