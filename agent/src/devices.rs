@@ -61,6 +61,8 @@ fn parse<T: std::str::FromStr>(path: PathBuf) -> Result<T, DeviceError> {
 pub struct KernelCounters {
     pub write_sectors: u64,
     pub discard_sectors: u64,
+    /// Writes (and discards) in flight; all I/O if the kernel does not
+    /// tell them apart.
     pub in_flight: u64,
 }
 
@@ -159,7 +161,12 @@ impl Disk {
             return None;
         }
         let stat = read(sys_block(&self.name).join("stat")).ok()?;
-        let counters = parse_stat(&stat)?;
+        let mut counters = parse_stat(&stat)?;
+        // Reads in flight say nothing about changes, and a device being
+        // probed (blkid, udev) is never idle by the total count.
+        if let Some(writes) = read(sys_block(&self.name).join("inflight")).ok().and_then(|s| parse_inflight_writes(&s)) {
+            counters.in_flight = writes;
+        }
         // Re-check: the device may have been replaced between the reads.
         (Self::by_name(&self.name).ok()?.key == self.key).then_some(counters)
     }
@@ -173,6 +180,12 @@ pub fn parse_stat(stat: &str) -> Option<KernelCounters> {
         in_flight: *fields.get(8)?,
         discard_sectors: fields.get(13).copied().unwrap_or(0),
     })
+}
+
+/// The writes (including discards) in flight, from `/sys/block/X/inflight`
+/// ("reads writes").
+pub fn parse_inflight_writes(inflight: &str) -> Option<u64> {
+    inflight.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The device currently holding `dev`, for hooks that do not report the
@@ -199,6 +212,8 @@ mod tests {
         // Old kernels without discard fields still parse.
         assert_eq!(parse_stat("1 2 3 4 5 6 7 8 9 10 11").unwrap().discard_sectors, 0);
         assert!(parse_stat("garbage").is_none());
+        assert_eq!(parse_inflight_writes("       3        5\n"), Some(5));
+        assert_eq!(parse_inflight_writes("3"), None);
     }
 
     #[test]

@@ -125,7 +125,11 @@ async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(async move { service::serve(&socket, source, options, stopped).await })
     };
 
-    let options = TrackerOptions { capture: CaptureOptions { flavor: args.flavor }, granularity: args.granularity };
+    let options = TrackerOptions {
+        capture: CaptureOptions { flavor: args.flavor },
+        granularity: args.granularity,
+        idle_probe: args.check_interval,
+    };
     let tracker = Tracker::start(&options).context("starting capture")?;
     state.mark_dirty(b"running").context("writing the run marker")?;
     let (log, report) = ChangeLog::open(state.path(), args.granularity, tracker.started_ns())

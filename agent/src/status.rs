@@ -32,13 +32,18 @@ pub struct DeviceStatus {
     /// Events by kind name.
     pub events: HashMap<&'static str, u64>,
     pub captured_sectors: u64,
+    /// Chunks that may have a write in flight, and whether completions are
+    /// counted for this device yet.
+    pub in_flight_chunks: u64,
+    pub completions_trusted: bool,
     pub witness: Witness,
     /// Changed byte ranges `[offset, length]`, only for devices asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ranges: Option<Vec<[u64; 2]>>,
 }
 
-const KIND_NAMES: [&str; 7] = ["", "write", "discard", "write_zeroes", "secure_erase", "zone_append", "unclassified"];
+const KIND_NAMES: [&str; 8] =
+    ["", "write", "discard", "write_zeroes", "secure_erase", "zone_append", "unclassified", "completed"];
 
 impl Status {
     /// `with_ranges`: disk names whose changed ranges are listed in full.
@@ -63,6 +68,8 @@ impl Status {
                         .map(|(name, n)| (*name, n))
                         .collect(),
                     captured_sectors: d.captured_sectors,
+                    in_flight_chunks: d.in_flight.len(),
+                    completions_trusted: d.completions_trusted,
                     witness: d.witness,
                     ranges: listed.then(|| {
                         changes::runs(&d.changed).map(|(c, n)| [c * granularity, n * granularity]).collect()

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use cbt_common::CaptureEvent;
+use cbt_common::{programs, CaptureEvent, EventKind};
 
 use crate::{
     capture::{Capture, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramStats},
@@ -45,6 +45,11 @@ pub struct TrackerOptions {
     pub capture: CaptureOptions,
     /// Bytes per tracked chunk (power of two).
     pub granularity: u64,
+    /// How long after attaching to watch devices for stillness before
+    /// returning: a device untouched throughout has no write from before
+    /// capture pending, so its completions count from the start. Like the
+    /// check interval, the longer the stronger the proof.
+    pub idle_probe: std::time::Duration,
 }
 
 impl Default for TrackerOptions {
@@ -52,6 +57,7 @@ impl Default for TrackerOptions {
         Self {
             capture: CaptureOptions { flavor: None },
             granularity: 4096,
+            idle_probe: std::time::Duration::from_millis(200),
         }
     }
 }
@@ -69,6 +75,9 @@ pub struct LossCounters {
     /// Events a program could not publish at all (no ring): never expected.
     pub unpublishable: u64,
     pub witness_alarms: u64,
+    /// Completion events lost (ring full, program skipped): not gaps, they
+    /// only keep writes counted in flight until the device is idle.
+    pub completions_lost: u64,
 }
 
 pub struct Tracker {
@@ -95,11 +104,11 @@ impl Tracker {
     /// Attaches the capture. Everything written from this call's return on
     /// is recorded or shows up as a gap.
     pub fn start(options: &TrackerOptions) -> Result<Self, TrackerError> {
-        let mut changes = ChangeSets::new(options.granularity)?;
         let capture = Capture::start(&options.capture)?;
+        let mut changes = ChangeSets::new(options.granularity)?.with_completions(capture.tracks_completions());
         let now = monotonic_ns();
         changes.discover(&Disk::all(), now);
-        let tracker = Self {
+        let mut tracker = Self {
             capture,
             changes,
             buf: Vec::with_capacity(1 << 14),
@@ -113,6 +122,13 @@ impl Tracker {
         // No baseline read of the programs' counters: they were loaded just
         // now and start at zero, so a miss between attach and a first read
         // is counted at the first check instead of being absorbed.
+        // Draining meanwhile: the rings are live and must not overflow.
+        let probe_end = std::time::Instant::now() + options.idle_probe;
+        while std::time::Instant::now() < probe_end {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            tracker.poll();
+        }
+        tracker.check()?;
         Ok(tracker)
     }
 
@@ -156,6 +172,7 @@ impl Tracker {
         self.loss.drains += 1;
         self.loss.events += report.events;
         self.loss.max_ring_fill = self.loss.max_ring_fill.max(report.max_fill);
+        self.loss.completions_lost += report.completions_lost;
         if report.dropped > 0 || report.corrupt_rings > 0 {
             self.loss.dropped_events += report.dropped;
             self.loss.corrupt_rings += report.corrupt_rings;
@@ -229,7 +246,7 @@ impl Tracker {
                     .after_marks
                     .iter()
                     .flat_map(|range| &self.buf[range.clone()])
-                    .filter(|e| e.dev == key.dev)
+                    .filter(|e| e.dev == key.dev && e.kind != EventKind::Completed as u32)
                     .map(|e| e.nr_sectors as u64)
                     .sum();
                 (key, counters, after)
@@ -241,7 +258,10 @@ impl Tracker {
         for (name, stats) in self.capture.program_stats()? {
             let before = self.stats.insert(name, stats).unwrap_or_default();
             let missed = stats.recursion_misses.saturating_sub(before.recursion_misses);
-            if missed > 0 {
+            // A skipped completion only leaves a write counted in flight.
+            if missed > 0 && name == programs::RQ_COMPLETE_BTF {
+                self.loss.completions_lost += missed;
+            } else if missed > 0 {
                 *self.loss.recursion_misses.entry(name).or_default() += missed;
                 self.changes.record_gap(
                     GapScope::AllDevices,

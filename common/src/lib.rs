@@ -25,6 +25,7 @@ pub mod programs {
     pub const RQ_ISSUE_BTF: &str = "rq_issue_btf";
     pub const BIO_QUEUE_CLASSIC: &str = "bio_queue_classic";
     pub const RQ_ISSUE_CLASSIC: &str = "rq_issue_classic";
+    pub const RQ_COMPLETE_BTF: &str = "rq_complete_btf";
 }
 
 /// What a captured event says happened to its sector range.
@@ -43,6 +44,12 @@ pub enum EventKind {
     /// (driver passthrough, zone management, an op code newer than this code):
     /// the device's content may have changed anywhere → a tracking gap.
     Unclassified = 6,
+    /// Not a change: a write, write-zeroes or (on queues that merge
+    /// discards only contiguously) discard request finished (`sector`,
+    /// `nr_sectors`) of what it covers; `raw_op` has the op's kind (and
+    /// [`COMPLETION_PARTIAL`]). Lets the agent
+    /// know which writes are no longer in flight.
+    Completed = 7,
 }
 
 impl EventKind {
@@ -54,6 +61,7 @@ impl EventKind {
             4 => Self::SecureErase,
             5 => Self::ZoneAppend,
             6 => Self::Unclassified,
+            7 => Self::Completed,
             _ => return None,
         })
     }
@@ -126,10 +134,17 @@ pub struct CpuRing {
 pub enum RingSet {
     Bio = 0,
     Request = 1,
+    /// Request completions: only precision depends on them, so their loss
+    /// is never a gap.
+    Complete = 2,
 }
 
 /// Number of ring families, see [`RingSet`].
-pub const RING_SETS: u32 = 2;
+pub const RING_SETS: u32 = 3;
+
+/// In a [`EventKind::Completed`] event's `raw_op`: the request completed
+/// only part of what remained of it.
+pub const COMPLETION_PARTIAL: u32 = 1 << 31;
 
 /// Load-time configuration of the programs, written once into their
 /// read-only data. The verifier treats frozen read-only data as constants, so
@@ -152,6 +167,10 @@ pub struct ProgramConfig {
     pub rq_cmd_flags: u32,
     pub rq_q: u32,
     pub queue_disk: u32,
+    pub rq_sector: u32,
+    pub rq_data_len: u32,
+    /// `request_queue.limits.max_discard_segments` (u16).
+    pub queue_max_discard_segments: u32,
     /// Classic tracepoint record offsets (from tracefs `format` files).
     pub tp_bio_dev: u32,
     pub tp_bio_sector: u32,
@@ -180,6 +199,9 @@ impl ProgramConfig {
         rq_cmd_flags: 0,
         rq_q: 0,
         queue_disk: 0,
+        rq_sector: 0,
+        rq_data_len: 0,
+        queue_max_discard_segments: 0,
         tp_bio_dev: 0,
         tp_bio_sector: 0,
         tp_bio_nr_sector: 0,

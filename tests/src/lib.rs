@@ -126,7 +126,7 @@ impl Harness {
     }
 
     pub fn with_flavor(flavor: Flavor, granularity: u64) -> Self {
-        Self::with(TrackerOptions { capture: CaptureOptions { flavor: Some(flavor) }, granularity })
+        Self::with(TrackerOptions { capture: CaptureOptions { flavor: Some(flavor) }, granularity, ..Default::default() })
     }
 
     pub fn with(options: TrackerOptions) -> Self {

@@ -28,7 +28,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::{error, warn};
-use cbt_common::{CpuRing, EventKind, ProgramConfig, RingSet, RING_SLOTS};
+use cbt_common::{CpuRing, EventKind, ProgramConfig, RingSet, COMPLETION_PARTIAL, RING_SLOTS};
 
 /// Filled in by the agent before load (frozen `.rodata`).
 #[no_mangle]
@@ -164,6 +164,40 @@ pub fn rq_issue_btf(ctx: BtfTracePointContext) -> u32 {
         let (dev, diskseq) = disk_identity(disk);
         warn!(&ctx, "cbt: unclassifiable op {} on dev {}:{}: tracking gap", opf & 0xff, dev >> 20, dev & 0xfffff);
         publish(&ctx, RingSet::Request, EventKind::Unclassified as u32, dev, diskseq, 0, 0, rq as u64, opf & 0xff);
+    }
+    0
+}
+
+/// Completions of write and write-zeroes requests, and of discards where
+/// the queue merges them only contiguously: what is no longer in flight.
+/// Their ranges are contiguous (multi-range discards are left out: they
+/// stay "in flight" until the device is seen idle). Only precision depends
+/// on this hook.
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn rq_complete_btf(ctx: BtfTracePointContext) -> u32 {
+    let cfg = config();
+    unsafe {
+        let rq: *const u8 = ctx.arg(0);
+        let nr_bytes: u32 = ctx.arg(2);
+        let opf: u32 = field(rq, cfg.rq_cmd_flags);
+        let kind = op_kind(opf);
+        let contiguous = kind == EventKind::Write as u32 || kind == EventKind::WriteZeroes as u32;
+        if !(contiguous || kind == EventKind::Discard as u32) || nr_bytes == 0 {
+            return 0;
+        }
+        let queue: *const u8 = field(rq, cfg.rq_q);
+        if !contiguous && field::<u16>(queue, cfg.queue_max_discard_segments) != 1 {
+            return 0;
+        }
+        let disk: *const u8 = field(queue, cfg.queue_disk);
+        if disk.is_null() {
+            return 0;
+        }
+        let (dev, diskseq) = disk_identity(disk);
+        let remaining: u32 = field(rq, cfg.rq_data_len);
+        let partial = if nr_bytes < remaining { COMPLETION_PARTIAL } else { 0 };
+        let sector: u64 = field(rq, cfg.rq_sector);
+        publish(&ctx, RingSet::Complete, EventKind::Completed as u32, dev, diskseq, sector, nr_bytes >> 9, rq as u64, kind | partial);
     }
     0
 }

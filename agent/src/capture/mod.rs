@@ -153,7 +153,10 @@ impl Capture {
         let attached = match flavor {
             Flavor::Btf => {
                 let btf = aya::Btf::from_sys_fs().map_err(|e| CaptureError::Btf(e.to_string()))?;
+                // Completions first: a completion seen without its write
+                // only leaves a stale entry (over-report), never the reverse.
                 let list = [
+                    (programs::RQ_COMPLETE_BTF, "block_rq_complete"),
                     (programs::RQ_ISSUE_BTF, "block_rq_issue"),
                     (programs::BIO_QUEUE_BTF, "block_bio_queue"),
                 ];
@@ -183,6 +186,11 @@ impl Capture {
 
     pub fn flavor(&self) -> Flavor {
         self.flavor
+    }
+
+    /// Whether request completions are reported (`Completed` events).
+    pub fn tracks_completions(&self) -> bool {
+        self.attached.contains(&programs::RQ_COMPLETE_BTF)
     }
 
     /// Kernel memory held by the event rings (fixed at load).

@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use cbt_common::{CaptureEvent, CpuRing, RING_SETS, RING_SLOTS};
+use cbt_common::{CaptureEvent, CpuRing, RingSet, RING_SETS, RING_SLOTS};
 
 use super::CaptureError;
 
@@ -29,6 +29,9 @@ pub struct DrainReport {
     pub events: u64,
     /// Events the kernel could not publish since the last drain.
     pub dropped: u64,
+    /// Completion events lost (full or damaged completion rings): they only
+    /// cost precision, so they are counted apart.
+    pub completions_lost: u64,
     /// Highest ring fill seen in this drain, in slots (userspace lag).
     pub max_fill: u64,
     /// A ring whose head/tail made no sense (memory damaged): its contents
@@ -109,8 +112,13 @@ impl Rings {
                 let tail_ptr = &raw mut (*ring).consumer.tail;
                 let tail = AtomicU64::from_ptr(tail_ptr).load(Ordering::Relaxed);
                 let fill = head.wrapping_sub(tail);
+                let completions = i as u32 / (self.count as u32 / RING_SETS) == RingSet::Complete as u32;
                 if fill > RING_SLOTS as u64 {
-                    report.corrupt_rings += 1;
+                    if completions {
+                        report.completions_lost += 1;
+                    } else {
+                        report.corrupt_rings += 1;
+                    }
                     AtomicU64::from_ptr(tail_ptr).store(head, Ordering::Release);
                     continue;
                 }
@@ -129,7 +137,12 @@ impl Rings {
                 AtomicU64::from_ptr(tail_ptr).store(head, Ordering::Release);
 
                 let dropped = std::ptr::read_volatile(&raw const (*ring).producer.dropped);
-                report.dropped += dropped.wrapping_sub(self.seen_dropped[i]);
+                let new = dropped.wrapping_sub(self.seen_dropped[i]);
+                if completions {
+                    report.completions_lost += new;
+                } else {
+                    report.dropped += new;
+                }
                 self.seen_dropped[i] = dropped;
             }
         }

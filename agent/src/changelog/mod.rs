@@ -409,8 +409,14 @@ impl ChangeLog {
             }
             let log = self.instances.get_mut(&instance).expect("inserted above");
             let last_change = taken.last_change_ns + self.base;
-            // Settled already if every change in it was seen completed.
-            let settled_by = log.settled_at.filter(|&at| at >= last_change);
+            // Its life ends with it if it carries every write still in
+            // flight into the next one; else when every change in it was
+            // seen completed.
+            let settled_by = if taken.carries_in_flight {
+                Some(end)
+            } else {
+                log.settled_at.filter(|&at| at >= last_change)
+            };
             let seg = Segment { start, end, settled_by, chunks: taken.chunks };
             segments.push(SegmentRecord {
                 instance,

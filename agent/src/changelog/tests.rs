@@ -48,6 +48,7 @@ impl Fixture {
             first_seen_ns: self.started,
             last_change_ns: cut_ns,
             chunks: chunks.iter().copied().collect(),
+            carries_in_flight: false,
         }];
         self.log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes }).unwrap();
     }

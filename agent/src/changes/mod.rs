@@ -4,9 +4,12 @@
 //! This is the first stage after capture. It never drops a change: what it
 //! cannot attribute or prove becomes a [`Gap`] (contract §3).
 
+mod inflight;
+
 use std::collections::{BTreeMap, HashMap};
 
-use cbt_common::{CaptureEvent, EventKind};
+use cbt_common::{CaptureEvent, EventKind, COMPLETION_PARTIAL};
+pub use inflight::InFlight;
 use roaring::RoaringTreemap;
 
 use crate::devices::{self, DeviceKey, Disk, KernelCounters};
@@ -72,7 +75,19 @@ pub struct DeviceChanges {
     pub first_seen_ns: u64,
     /// Sectors per zone for zoned devices (zone append lands anywhere in it).
     pub zone_sectors: Option<u64>,
+    /// The queue merges discards only contiguously (max_discard_segments
+    /// is 1), so their completions are reported and counted.
+    pub discards_counted: bool,
     pub witness: Witness,
+    /// Chunks that may have a write in flight now.
+    pub in_flight: InFlight,
+    /// Completions are trusted once the device was seen idle with the
+    /// completion hook attached: from then on no completion can belong to
+    /// a write submitted before capture began.
+    pub completions_trusted: bool,
+    /// With trusted completions: the chunks in flight at the previous
+    /// take, which belong to the next segment too.
+    pub carried: RoaringTreemap,
 }
 
 
@@ -84,6 +99,10 @@ pub struct TakenChanges {
     pub first_seen_ns: u64,
     pub last_change_ns: u64,
     pub chunks: RoaringTreemap,
+    /// `chunks` includes every write still in flight at the previous take
+    /// (from completions), so the segment's life ends with it; otherwise it
+    /// lasts until the device is seen settled.
+    pub carries_in_flight: bool,
 }
 
 /// What one witness pass found.
@@ -95,6 +114,19 @@ pub struct WitnessReport {
     pub settled: Vec<DeviceKey>,
 }
 
+impl DeviceChanges {
+    /// The device was seen with nothing in flight: start counting
+    /// completions afresh (see [`InFlight`]).
+    fn trust_completions(&mut self, completions: bool) {
+        self.in_flight.clear();
+        self.carried.clear();
+        self.completions_trusted = completions;
+        // Fixed from here on: a discard counted up must be counted down.
+        self.discards_counted =
+            self.name.as_deref().and_then(|n| queue_limit(n, "max_discard_segments")) == Some(1);
+    }
+}
+
 #[derive(Debug)]
 pub struct ChangeSets {
     chunk_shift: u32,
@@ -102,6 +134,8 @@ pub struct ChangeSets {
     gaps: Vec<Gap>,
     /// How many of `gaps` [`ChangeSets::new_gaps`] already handed out.
     gaps_taken: usize,
+    /// The capture reports request completions.
+    completions: bool,
     /// Classic hooks report only `dev`: its current instance as last
     /// resolved, and the start of the batch that resolved it.
     classic_instances: HashMap<u32, (DeviceKey, u64)>,
@@ -124,12 +158,19 @@ impl ChangeSets {
             devices: BTreeMap::new(),
             gaps: Vec::new(),
             gaps_taken: 0,
+            completions: false,
             classic_instances: HashMap::new(),
         })
     }
 
     pub fn granularity(&self) -> u64 {
         1 << self.chunk_shift
+    }
+
+    /// The capture reports request completions ([`EventKind::Completed`]).
+    pub fn with_completions(mut self, completions: bool) -> Self {
+        self.completions = completions;
+        self
     }
 
     pub fn devices(&self) -> &BTreeMap<DeviceKey, DeviceChanges> {
@@ -153,14 +194,22 @@ impl ChangeSets {
     /// Hands out every device's changes since the previous call and starts
     /// collecting afresh: the change log seals them into a segment.
     pub fn take_changes(&mut self) -> Vec<TakenChanges> {
+        let shift = self.chunk_shift - 9;
         self.devices
             .iter_mut()
-            .map(|(key, d)| TakenChanges {
-                key: *key,
-                name: d.name.clone(),
-                first_seen_ns: d.first_seen_ns,
-                last_change_ns: d.last_change_ns,
-                chunks: std::mem::take(&mut d.changed),
+            .map(|(key, d)| {
+                let mut chunks = std::mem::take(&mut d.changed);
+                if d.completions_trusted {
+                    chunks |= std::mem::replace(&mut d.carried, d.in_flight.chunks(shift));
+                }
+                TakenChanges {
+                    key: *key,
+                    name: d.name.clone(),
+                    first_seen_ns: d.first_seen_ns,
+                    last_change_ns: d.last_change_ns,
+                    chunks,
+                    carries_in_flight: d.completions_trusted,
+                }
             })
             .collect()
     }
@@ -241,6 +290,17 @@ impl ChangeSets {
         let shift = self.chunk_shift - 9;
         let d = self.entry(key, to_ns);
         d.events[kind as usize] += 1;
+        if kind == EventKind::Completed {
+            // A discard's completion counts down only what its submission
+            // counted up (a device seen before its queue limits were read
+            // counted nothing).
+            let discard = ev.raw_op & 0xff == EventKind::Discard as u32;
+            if d.completions_trusted && (!discard || d.discards_counted) {
+                let end = ev.sector + ev.nr_sectors as u64;
+                d.in_flight.completed(ev.sector, end, ev.raw_op & COMPLETION_PARTIAL != 0);
+            }
+            return;
+        }
         let zone_of = |z: u64| {
             let start = ev.sector / z * z;
             (start, start + z)
@@ -271,6 +331,12 @@ impl ChangeSets {
         d.last_change_ns = d.last_change_ns.max(to_ns);
         let (first_chunk, last_chunk) = (start >> shift, (end - 1) >> shift);
         d.changed.insert_range(first_chunk..=last_chunk);
+        match kind {
+            // Their completions are reported, as contiguous ranges.
+            EventKind::Write | EventKind::WriteZeroes => d.in_flight.submitted(start, end),
+            EventKind::Discard if d.discards_counted => d.in_flight.submitted(start, end),
+            _ => d.in_flight.submitted_uncounted(start, end),
+        }
     }
 
     /// The kernel-counter witness (contract §3). Each sample is
@@ -302,6 +368,16 @@ impl ChangeSets {
             let idle = counters.in_flight == 0
                 && d.witness.last_kernel.is_some_and(|k| k.changed_sectors() == counters.changed_sectors())
                 && d.witness.last_captured == captured;
+            // Nothing written since it was first seen, and nothing in flight
+            // then or now: no write from before capture can still be
+            // pending, so completions can be trusted from the start.
+            let untouched = d.captured_sectors == 0
+                && base.in_flight == 0
+                && counters.in_flight == 0
+                && base.changed_sectors() == counters.changed_sectors();
+            if untouched && !d.completions_trusted {
+                d.trust_completions(self.completions);
+            }
             d.witness.last_kernel = Some(*counters);
             d.witness.last_captured = captured;
             match d.witness.committed_offset {
@@ -314,6 +390,7 @@ impl ChangeSets {
                 _ if idle => {
                     if d.witness.committed_offset == Some(offset) {
                         settled.push(*key);
+                        d.trust_completions(self.completions);
                     }
                     d.witness.committed_offset = Some(offset);
                     d.witness.last_quiescent_ns = now_ns;
@@ -331,6 +408,11 @@ impl ChangeSets {
         }
         WitnessReport { short: short.into_iter().map(|(k, _, _)| k).collect(), settled }
     }
+}
+
+fn queue_limit(name: &str, limit: &str) -> Option<u64> {
+    let path = std::path::Path::new("/sys/block").join(name).join("queue").join(limit);
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn zone_sectors(name: &str) -> Option<u64> {
@@ -436,6 +518,48 @@ mod tests {
         assert_eq!(cs.witness(&[(k, counters(1048, 0), 0)], 10).short, vec![k]);
         assert_eq!(cs.gaps().len(), 1);
         assert_eq!(cs.gaps()[0].from_ns, 9, "gap starts at the last idle check");
+    }
+
+    #[test]
+    fn in_flight_writes_are_carried_into_the_next_take() {
+        let mut cs = ChangeSets::new(4096).unwrap().with_completions(true);
+        let k = key();
+        let idle = KernelCounters { write_sectors: 1000, discard_sectors: 0, in_flight: 0 };
+        cs.entry(k, 0).witness.baseline = Some(idle);
+        // Untouched since first seen, nothing in flight: trusted at once.
+        cs.witness(&[(k, idle, 0)], 1);
+        assert!(cs.device(&k).unwrap().completions_trusted);
+        let completed = |sector, nr| CaptureEvent {
+            kind: EventKind::Completed as u32,
+            raw_op: EventKind::Write as u32,
+            ..ev(EventKind::Write, sector, nr)
+        };
+        // Two writes; only the first completes before the take.
+        cs.apply(&[ev(EventKind::Write, 0, 8), ev(EventKind::Write, 256, 8), completed(0, 8)], 2, 3);
+        let first = cs.take_changes();
+        assert_eq!(first[0].chunks.iter().collect::<Vec<_>>(), vec![0, 32]);
+        assert!(first[0].carries_in_flight);
+        // Nothing new, but the second may still be in flight: its counting
+        // block (64 KiB: chunks 32..48) is carried.
+        let second = cs.take_changes();
+        assert_eq!(second[0].chunks.iter().collect::<Vec<_>>(), (32..48).collect::<Vec<_>>());
+        cs.apply(&[completed(256, 8)], 4, 5);
+        let _ = cs.take_changes();
+        assert!(cs.take_changes()[0].chunks.is_empty(), "completed: carried no more");
+    }
+
+    #[test]
+    fn completions_before_trust_are_ignored() {
+        let mut cs = ChangeSets::new(4096).unwrap().with_completions(true);
+        let k = key();
+        let busy = KernelCounters { write_sectors: 1000, discard_sectors: 0, in_flight: 3 };
+        cs.entry(k, 0).witness.baseline = Some(busy);
+        cs.witness(&[(k, busy, 0)], 1);
+        assert!(!cs.device(&k).unwrap().completions_trusted, "writes from before capture may be pending");
+        let done = CaptureEvent { kind: EventKind::Completed as u32, raw_op: 1, ..ev(EventKind::Write, 0, 8) };
+        cs.apply(&[ev(EventKind::Write, 0, 8), done], 2, 3);
+        let taken = cs.take_changes();
+        assert!(!taken[0].carries_in_flight, "the settle rule keeps the segment open instead");
     }
 
     #[test]
