@@ -21,10 +21,16 @@ use serde_json::Value;
 
 use crate::demo::{self, Loop};
 
+mod query;
+
 #[derive(clap::Subcommand)]
 pub enum Bench {
     /// fio 4k randwrite with and without the agent, interleaved rounds.
     Capture(CaptureArgs),
+    /// GetMetadataDelta over a fabricated 1 TiB log and a real tracked
+    /// image pair (against comparing the images); change-log size and
+    /// compaction.
+    Query(query::QueryArgs),
 }
 
 #[derive(clap::Args)]
@@ -43,6 +49,7 @@ pub struct CaptureArgs {
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Capture(args) => capture(&args),
+        Bench::Query(args) => query::run(&args),
     }
 }
 
@@ -361,6 +368,24 @@ const OTHERS_MAX_PCT: f64 = 3.0;
 /// Above this, writes to other block devices skew a round (MiB).
 const OTHERS_MAX_WRITE_MIB: u64 = 16;
 
+/// What counts as a disturbance.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// Other processes' CPU, in % of one core.
+    cpu_pct: f64,
+    /// Written to other block devices, MiB.
+    write_mib: u64,
+    /// Capture programs that are the agent's (0 in baseline rounds);
+    /// `None`: other trackers' programs do not count.
+    own_programs: Option<usize>,
+}
+
+impl Limits {
+    fn capture(own_programs: usize) -> Self {
+        Self { cpu_pct: OTHERS_MAX_PCT, write_mib: OTHERS_MAX_WRITE_MIB, own_programs: Some(own_programs) }
+    }
+}
+
 /// What else runs on the machine, from the start of a round.
 struct Watch<'a> {
     /// The benchmark's own device (name as in /proc/diskstats).
@@ -368,19 +393,22 @@ struct Watch<'a> {
     start: Processes,
     start_written: u64,
     since: Instant,
-    /// Capture programs that are the agent's (0 in baseline rounds).
-    own_programs: usize,
+    limits: Limits,
 }
 
 impl<'a> Watch<'a> {
     fn start(dev: &'a str, own_programs: usize) -> Result<Self> {
+        Self::start_with(dev, Limits::capture(own_programs))
+    }
+
+    fn start_with(dev: &'a str, limits: Limits) -> Result<Self> {
         let dev = dev.trim_start_matches("/dev/");
         Ok(Self {
             dev,
             start: Processes::snapshot()?,
             start_written: sectors_written_except(dev)?,
             since: Instant::now(),
-            own_programs,
+            limits,
         })
     }
 
@@ -389,17 +417,19 @@ impl<'a> Watch<'a> {
         let mut found = Vec::new();
         let others = self.start.cpu_since(&Processes::snapshot()?, self.since.elapsed().as_secs_f64());
         let total: f64 = others.iter().map(|(_, pct)| pct).sum();
-        if total > OTHERS_MAX_PCT {
+        if total > self.limits.cpu_pct {
             let top: Vec<String> = others.iter().take(3).map(|(name, pct)| format!("{name} {pct:.0} %")).collect();
             found.push(format!("other processes using {total:.0} % of a core ({})", top.join(", ")));
         }
         let written_mib = sectors_written_except(self.dev)?.saturating_sub(self.start_written) >> 11;
-        if written_mib > OTHERS_MAX_WRITE_MIB {
+        if written_mib > self.limits.write_mib {
             found.push(format!("{written_mib} MiB written to other block devices"));
         }
-        let programs = capture_programs()?;
-        if programs > self.own_programs {
-            found.push(format!("{} capture programs of another tracker", programs - self.own_programs));
+        if let Some(own) = self.limits.own_programs {
+            let programs = capture_programs()?;
+            if programs > own {
+                found.push(format!("{} capture programs of another tracker", programs - own));
+            }
         }
         Ok(found)
     }
@@ -488,10 +518,15 @@ fn capture_programs() -> Result<usize> {
 
 /// Waits until a few seconds pass with nothing else busy.
 fn wait_for_quiet(label: &str, dev: &str) -> Result<()> {
+    wait_for_quiet_with(label, dev, Limits::capture(0))
+}
+
+/// [`wait_for_quiet`] with other limits.
+fn wait_for_quiet_with(label: &str, dev: &str, limits: Limits) -> Result<()> {
     let deadline = Instant::now() + QUIET_TIMEOUT;
     let mut said = false;
     loop {
-        let watch = Watch::start(dev, 0)?;
+        let watch = Watch::start_with(dev, limits)?;
         std::thread::sleep(Duration::from_secs(3));
         check_interrupted()?;
         let busy = watch.disturbances()?;
@@ -513,7 +548,12 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new() -> Result<Self> {
-        let dir = PathBuf::from(format!("/dev/shm/cbt-bench-{}", std::process::id()));
+        Self::new_in(Path::new("/dev/shm"), "cbt-bench")
+    }
+
+    /// `<parent>/<name>-<pid>`.
+    fn new_in(parent: &Path, name: &str) -> Result<Self> {
+        let dir = parent.join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self(dir))
     }
@@ -978,7 +1018,8 @@ fn source_version() -> String {
             .output()
             .ok()
             .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            // Not trim(): a porcelain line starts with a space (" M path").
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim_end().to_string())
     };
     let Some(commit) = git(&["rev-parse", "--short", "HEAD"]) else { return "unknown (no git)".to_string() };
     let dirty = git(&["status", "--porcelain", "--", "agent", "common", "tracker-ebpf"]).unwrap_or_default();

@@ -20,6 +20,11 @@ impl Loop {
     pub fn new(file: &Path, size_mib: u64) -> Result<Self> {
         let f = std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
         f.set_len(size_mib << 20)?;
+        Self::attach(file)
+    }
+
+    /// A loop device over an existing file (removed with it on drop).
+    pub fn attach(file: &Path) -> Result<Self> {
         let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().context("losetup")?;
         if !out.status.success() {
             bail!("losetup: {}", String::from_utf8_lossy(&out.stderr));

@@ -240,12 +240,27 @@ fn a_partition_sees_its_own_chunks() {
     // Disk chunks 10..=12 (bytes 40960..53248) seen from a partition that
     // starts at byte 40960 + 512: volume bytes 0..12288-512.
     let disk: RoaringTreemap = [9, 10, 11, 12, 40].into_iter().collect();
-    let v = to_volume_chunks(&disk, 10 * G + 512, 20 * G, G);
+    let v = to_volume_chunks(disk.clone(), 10 * G + 512, 20 * G, G);
     assert_eq!(v.iter().collect::<Vec<_>>(), vec![0, 1, 2]);
     // Aligned partitions shift exactly.
-    let v = to_volume_chunks(&disk, 10 * G, 20 * G, G);
+    let v = to_volume_chunks(disk.clone(), 10 * G, 20 * G, G);
     assert_eq!(v.iter().collect::<Vec<_>>(), vec![0, 1, 2]);
     // Whole disk: clamp to capacity.
-    let v = to_volume_chunks(&disk, 0, 12 * G, G);
+    let v = to_volume_chunks(disk, 0, 12 * G, G);
     assert_eq!(v.iter().collect::<Vec<_>>(), vec![9, 10, 11]);
+}
+
+#[test]
+fn many_seals_trigger_compaction() {
+    let mut f = Fixture::new();
+    f.snapshot("a", &[1]);
+    for i in 0..COMPACT_AFTER_SEALS + 5 {
+        f.seal(&[10 + i]);
+    }
+    f.snapshot("b", &[2]);
+    let stats = f.log.stats();
+    assert!(stats.compactions >= 1, "{stats:?}");
+    assert!(stats.segments < 20, "{stats:?}");
+    let delta = f.delta("a", "b").unwrap();
+    assert!(delta.contains(&1) && delta.contains(&2) && delta.contains(&(10 + COMPACT_AFTER_SEALS + 4)));
 }
