@@ -130,23 +130,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 // ------------------------------------------------------------- fabricate --
 
-/// splitmix64: deterministic, fast, good enough to scatter chunks.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
-    }
-}
-
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -174,18 +157,18 @@ fn fabricate(args: &FabricateArgs) -> Result<()> {
 
     // The changed chunks, and which seal each one lands in.
     let started = Instant::now();
-    let mut rng = Rng(args.seed);
+    let mut rng = fastrand::Rng::with_seed(args.seed);
     let mut drawn: Vec<u64> = Vec::with_capacity(wanted as usize);
     while (drawn.len() as u64) < wanted {
         let missing = wanted - drawn.len() as u64;
-        drawn.extend((0..missing).map(|_| rng.below(total_chunks)));
+        drawn.extend((0..missing).map(|_| rng.u64(..total_chunks)));
         drawn.sort_unstable();
         drawn.dedup();
     }
     let changed = RoaringTreemap::from_sorted_iter(drawn.iter().copied()).expect("ascending");
     let mut per_seal: Vec<Vec<u64>> = vec![Vec::new(); args.seals];
     for &chunk in &drawn {
-        per_seal[rng.below(args.seals as u64) as usize].push(chunk);
+        per_seal[rng.usize(..args.seals)].push(chunk);
     }
     drop(drawn);
     let per_seal: Vec<RoaringTreemap> =

@@ -161,13 +161,8 @@ mod tests {
     fn compaction_never_changes_an_answer() {
         // Random segments and snapshot windows: every answer for every pair
         // of live snapshots is the same before and after compaction.
-        let mut rng = 0x9e3779b97f4a7c15u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut rng = fastrand::Rng::with_seed(0x9e3779b97f4a7c15);
+        let mut next = move |n: u64| rng.u64(..n);
         for _ in 0..200 {
             let mut segments = Vec::new();
             let mut t = 0;

@@ -207,13 +207,8 @@ mod tests {
     /// truth: a block with a write truly in flight is always reported.
     #[test]
     fn never_forgets_a_write_in_flight() {
-        let mut rng = 0x2545f4914f6cdd1du64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut rng = fastrand::Rng::with_seed(0x2545f4914f6cdd1d);
+        let mut next = move |n: u64| rng.u64(..n);
         for _ in 0..300 {
             let mut f = InFlight::default();
             // Truly in flight: (start, end) sector ranges of bios.
