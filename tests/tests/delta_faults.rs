@@ -82,10 +82,14 @@ fn agent_kill9_and_restart() {
     }
     let lost1 = write_markers(&vol, down, down + 8 * MIB, 32, 4096, &mut rng);
     sleep_between(&mut rng, 500, 1500);
+    // A restarted agent answers only once it has seen the device with
+    // nothing pending from before it attached: let the device be still.
+    fio.pause();
     if let Some(a) = cbt.agent_mut() {
         a.restart();
     }
     std::thread::sleep(SETTLE);
+    fio.resume();
     for _ in 0..3 {
         take(&cbt, &mut rng, &mut snaps, &mut life, 1);
     }
@@ -103,10 +107,12 @@ fn agent_kill9_and_restart() {
     }
     let lost2 = write_markers(&vol, down + 8 * MIB, vol.size, 32, 4096, &mut rng);
     sleep_between(&mut rng, 200, 1000);
+    fio.pause();
     if let Some(a) = cbt.agent_mut() {
         a.restart();
     }
     std::thread::sleep(SETTLE);
+    fio.resume();
     for _ in 0..3 {
         take(&cbt, &mut rng, &mut snaps, &mut life, 2);
     }
@@ -286,10 +292,12 @@ fn damaged_state_file() {
                 let half = truncate_half(&file);
                 eprintln!("damage: cut {} from {len} to {half} bytes", file.display());
             }
+            fio.pause();
             a.restart();
             a.assert_healthy();
         }
         std::thread::sleep(SETTLE);
+        fio.resume();
         let before = snaps.len() - 1;
         for k in 0..2 {
             sleep_between(&mut rng, 300, 1000);

@@ -284,6 +284,13 @@ impl ChangeLog {
             // earlier, at the last durable seal.
             log.add_gap(GapInfo { instance: None, from: since.min(latest), to: now, reason })?;
         }
+        // Writes submitted while no agent watched may still be in flight and
+        // land later: no device of this boot is covered again until it is
+        // seen with nothing pending.
+        let current: Vec<InstanceId> = log.instances.keys().filter(|i| i.boot == log.boot).copied().collect();
+        for instance in current {
+            log.open_gap(instance, log.last_cut)?;
+        }
         log.journal.sync()?;
         if report.damage.is_some() || report.torn_tail_bytes > 0 {
             log.compact()?;
@@ -310,6 +317,7 @@ impl ChangeLog {
                 self.settle_instance(instance, at);
             }
             Record::Gap { instance, from, to, reason } => self.gaps.push(GapInfo { instance, from, to, reason }),
+            Record::GapClosed { instance, at } => self.close_gaps(instance, at),
             Record::CutBegun { volume, cut_id, lo } => {
                 self.next_cut_id = self.next_cut_id.max(cut_id + 1);
                 self.cuts.insert(volume, (cut_id, lo));
@@ -391,6 +399,18 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// A gap for `instance` from `from` until it is proven covered again.
+    fn open_gap(&mut self, instance: InstanceId, from: Stamp) -> Result<(), LogError> {
+        let reason = "writes from before capture began may still have been in flight".to_string();
+        self.add_gap(GapInfo { instance: Some(instance), from, to: Stamp::MAX, reason })
+    }
+
+    fn close_gaps(&mut self, instance: InstanceId, at: Stamp) {
+        for gap in self.gaps.iter_mut().filter(|g| g.instance == Some(instance) && g.to == Stamp::MAX) {
+            gap.to = at.max(gap.from);
+        }
+    }
+
     fn add_gap(&mut self, info: GapInfo) -> Result<(), LogError> {
         self.append(&Record::Gap { instance: info.instance, from: info.from, to: info.to, reason: info.reason.clone() })?;
         self.gaps.push(info);
@@ -410,6 +430,16 @@ impl ChangeLog {
                 let tracked_since = self.stamp(taken.first_seen_ns);
                 self.append(&Record::Instance { id: instance, name: name.clone(), tracked_since })?;
                 self.instances.insert(instance, InstanceLog { name, tracked_since, segments: Vec::new(), settled_at: None });
+                if taken.proven_ns.is_none_or(|p| p > taken.first_seen_ns) {
+                    self.open_gap(instance, tracked_since)?;
+                }
+            }
+            if let Some(proven) = taken.proven_ns {
+                let at = self.stamp(proven);
+                if self.gaps.iter().any(|g| g.instance == Some(instance) && g.to == Stamp::MAX) {
+                    self.append(&Record::GapClosed { instance, at })?;
+                    self.close_gaps(instance, at);
+                }
             }
             if taken.chunks.is_empty() {
                 continue;
@@ -726,7 +756,8 @@ fn record_stamp(record: &Record) -> Stamp {
         Record::Instance { tracked_since, .. } => *tracked_since,
         Record::Seal { cut, segments } => segments.iter().map(|s| s.end).fold(*cut, Stamp::max),
         Record::Settled { at, .. } | Record::Stop { at } => *at,
-        Record::Gap { to, .. } => *to,
+        Record::Gap { from, .. } => *from,
+        Record::GapClosed { at, .. } => *at,
         Record::CutBegun { lo, .. } => *lo,
         Record::Snapshot(s) => s.hi,
         Record::SnapshotDeleted { .. } => 0,

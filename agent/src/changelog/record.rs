@@ -19,7 +19,11 @@ pub enum Record {
     /// Every captured change of `instance` had completed by `at`.
     Settled { instance: InstanceId, at: Stamp },
     /// Changes in `[from, to]` may be missing; `instance: None` = all.
+    /// `to == Stamp::MAX`: still open (see `GapClosed`).
     Gap { instance: Option<InstanceId>, from: Stamp, to: Stamp, reason: String },
+    /// The open gaps of `instance` end at `at`: it was seen with nothing
+    /// pending from before capture.
+    GapClosed { instance: InstanceId, at: Stamp },
     CutBegun { volume: String, cut_id: u64, lo: Stamp },
     Snapshot(SnapshotInfo),
     SnapshotDeleted { handle: String },

@@ -16,6 +16,9 @@ struct Fixture {
     dir: tempfile::TempDir,
     log: ChangeLog,
     started: u64,
+    /// What the tracker says about the device being free of writes from
+    /// before capture (see `DeviceChanges::proven_ns`).
+    proven: Option<u64>,
 }
 
 impl Fixture {
@@ -24,7 +27,7 @@ impl Fixture {
         let started = monotonic_ns();
         let (log, report) = ChangeLog::open(dir.path(), G, started).unwrap();
         assert!(report.previous_run_clean.is_none());
-        let mut f = Self { dir, log, started };
+        let mut f = Self { dir, log, started, proven: Some(started) };
         f.seal(&[]); // registers the device with no changes
         f
     }
@@ -36,6 +39,8 @@ impl Fixture {
         self.started = monotonic_ns();
         let (log, report) = ChangeLog::open(self.dir.path(), G, self.started).unwrap();
         self.log = log;
+        // A fresh tracker proves each device again; most tests say at once.
+        self.proven = Some(monotonic_ns());
         report
     }
 
@@ -48,6 +53,7 @@ impl Fixture {
             first_seen_ns: self.started,
             last_change_ns: cut_ns,
             chunks: chunks.iter().copied().collect(),
+            proven_ns: self.proven,
             carries_in_flight: false,
         }];
         self.log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes }).unwrap();
@@ -176,7 +182,7 @@ fn restart_keeps_answers_and_turns_downtime_into_a_gap() {
     f.snapshot("f", &[6]);
     assert_eq!(f.delta("e", "f").unwrap(), vec![6]);
     assert!(matches!(f.delta("d", "e"), Err(QueryError::FailedPrecondition(_))));
-    let last_gap = f.log.gaps().last().unwrap();
+    let last_gap = f.log.gaps().iter().rev().find(|g| g.instance.is_none()).unwrap();
     assert!(last_gap.reason.contains("not running"), "a clean stop's downtime: {last_gap:?}");
 }
 
@@ -263,4 +269,55 @@ fn many_seals_trigger_compaction() {
     assert!(stats.segments < 20, "{stats:?}");
     let delta = f.delta("a", "b").unwrap();
     assert!(delta.contains(&1) && delta.contains(&2) && delta.contains(&(10 + COMPACT_AFTER_SEALS + 4)));
+}
+
+#[test]
+fn no_answer_until_nothing_from_before_capture_can_land() {
+    let mut f = Fixture::new();
+    // A second device, busy when capture began: not proven yet.
+    let busy = DeviceKey { dev: 9 << 20, diskseq: 5 };
+    let seal_busy = |f: &mut Fixture, proven: Option<u64>| {
+        let cut_ns = monotonic_ns();
+        let changes = vec![TakenChanges {
+            key: busy,
+            name: Some("busy".into()),
+            first_seen_ns: f.started,
+            last_change_ns: cut_ns,
+            chunks: [7u64].into_iter().collect(),
+            proven_ns: proven,
+            carries_in_flight: true,
+        }];
+        f.log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes }).unwrap();
+    };
+    let snapshot = |f: &mut Fixture, handle: &str| {
+        f.log.begin_cut("busy").unwrap();
+        seal_busy(f, None);
+        let hi = f.log.now();
+        seal_busy(f, None);
+        f.log.commit_snapshot("busy", handle, busy, 0, CAPACITY, hi).unwrap();
+    };
+    seal_busy(&mut f, None);
+    snapshot(&mut f, "x1");
+    snapshot(&mut f, "x2");
+    assert!(matches!(f.log.delta("x1", "x2"), Err(QueryError::FailedPrecondition(ref m)) if m.contains("before capture")));
+    // Proven now: later pairs answer, earlier ones never will.
+    seal_busy(&mut f, Some(monotonic_ns()));
+    let proven_seal = |f: &mut Fixture, handle: &str| {
+        f.log.begin_cut("busy").unwrap();
+        seal_busy(f, Some(0));
+        let hi = f.log.now();
+        seal_busy(f, Some(0));
+        f.log.commit_snapshot("busy", handle, busy, 0, CAPACITY, hi).unwrap();
+    };
+    proven_seal(&mut f, "x3");
+    proven_seal(&mut f, "x4");
+    assert_eq!(f.log.delta("x3", "x4").unwrap().chunks.iter().collect::<Vec<_>>(), vec![7]);
+    assert!(f.log.delta("x2", "x4").is_err());
+    // After a restart the device is unproven again until the tracker says so.
+    f.reopen();
+    f.proven = None;
+    seal_busy(&mut f, None);
+    snapshot(&mut f, "x5");
+    snapshot(&mut f, "x6");
+    assert!(f.log.delta("x5", "x6").is_err(), "writes from before the restart may still land");
 }

@@ -88,6 +88,11 @@ pub struct DeviceChanges {
     /// With trusted completions: the chunks in flight at the previous
     /// take, which belong to the next segment too.
     pub carried: RoaringTreemap,
+    /// When the device was first seen with nothing pending (or, for one
+    /// that appeared after capture began, when it appeared): from then on
+    /// no write submitted before capture can still land. Until then, one
+    /// may: the record does not cover the device yet.
+    pub proven_ns: Option<u64>,
 }
 
 
@@ -99,6 +104,8 @@ pub struct TakenChanges {
     pub first_seen_ns: u64,
     pub last_change_ns: u64,
     pub chunks: RoaringTreemap,
+    /// See [`DeviceChanges::proven_ns`].
+    pub proven_ns: Option<u64>,
     /// `chunks` includes every write still in flight at the previous take
     /// (from completions), so the segment's life ends with it; otherwise it
     /// lasts until the device is seen settled.
@@ -136,6 +143,9 @@ pub struct ChangeSets {
     gaps_taken: usize,
     /// The capture reports request completions.
     completions: bool,
+    /// Devices first seen after the first discovery appeared after capture
+    /// began: none of their writes can predate it.
+    discovered_once: bool,
     /// Classic hooks report only `dev`: its current instance as last
     /// resolved, and the start of the batch that resolved it.
     classic_instances: HashMap<u32, (DeviceKey, u64)>,
@@ -159,6 +169,7 @@ impl ChangeSets {
             gaps: Vec::new(),
             gaps_taken: 0,
             completions: false,
+            discovered_once: false,
             classic_instances: HashMap::new(),
         })
     }
@@ -208,6 +219,7 @@ impl ChangeSets {
                     first_seen_ns: d.first_seen_ns,
                     last_change_ns: d.last_change_ns,
                     chunks,
+                    proven_ns: d.proven_ns,
                     carries_in_flight: d.completions_trusted,
                 }
             })
@@ -221,7 +233,12 @@ impl ChangeSets {
     }
 
     fn entry(&mut self, key: DeviceKey, now_ns: u64) -> &mut DeviceChanges {
-        self.devices.entry(key).or_insert_with(|| DeviceChanges { first_seen_ns: now_ns, ..Default::default() })
+        let born_after_capture = self.discovered_once;
+        self.devices.entry(key).or_insert_with(|| DeviceChanges {
+            first_seen_ns: now_ns,
+            proven_ns: born_after_capture.then_some(now_ns),
+            ..Default::default()
+        })
     }
 
     /// Makes sure every disk present now has a record and a witness
@@ -237,6 +254,7 @@ impl ChangeSets {
                 d.witness.baseline = disk.counters();
             }
         }
+        self.discovered_once = true;
     }
 
     /// Applies one drain's events, all submitted within `[from_ns, to_ns]`
@@ -375,8 +393,9 @@ impl ChangeSets {
                 && base.in_flight == 0
                 && counters.in_flight == 0
                 && base.changed_sectors() == counters.changed_sectors();
-            if untouched && !d.completions_trusted {
+            if untouched && d.proven_ns.is_none() {
                 d.trust_completions(self.completions);
+                d.proven_ns = Some(now_ns);
             }
             d.witness.last_kernel = Some(*counters);
             d.witness.last_captured = captured;
@@ -391,6 +410,7 @@ impl ChangeSets {
                     if d.witness.committed_offset == Some(offset) {
                         settled.push(*key);
                         d.trust_completions(self.completions);
+                        d.proven_ns.get_or_insert(now_ns);
                     }
                     d.witness.committed_offset = Some(offset);
                     d.witness.last_quiescent_ns = now_ns;
@@ -529,6 +549,7 @@ mod tests {
         // Untouched since first seen, nothing in flight: trusted at once.
         cs.witness(&[(k, idle, 0)], 1);
         assert!(cs.device(&k).unwrap().completions_trusted);
+        assert_eq!(cs.device(&k).unwrap().proven_ns, Some(1), "nothing from before capture can land any more");
         let completed = |sector, nr| CaptureEvent {
             kind: EventKind::Completed as u32,
             raw_op: EventKind::Write as u32,
@@ -556,6 +577,7 @@ mod tests {
         cs.entry(k, 0).witness.baseline = Some(busy);
         cs.witness(&[(k, busy, 0)], 1);
         assert!(!cs.device(&k).unwrap().completions_trusted, "writes from before capture may be pending");
+        assert_eq!(cs.device(&k).unwrap().proven_ns, None);
         let done = CaptureEvent { kind: EventKind::Completed as u32, raw_op: 1, ..ev(EventKind::Write, 0, 8) };
         cs.apply(&[ev(EventKind::Write, 0, 8), done], 2, 3);
         let taken = cs.take_changes();

@@ -189,6 +189,24 @@ impl Fio {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// Freezes fio (SIGSTOP): its I/O in flight completes, no new I/O
+    /// starts, so the device goes still.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused fio go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, signal) };
+        }
+    }
+
     /// Interrupts fio (SIGINT: it finishes cleanly) and waits.
     pub fn stop(mut self) -> serde_json::Value {
         self.interrupt();
