@@ -189,6 +189,8 @@ fn fabricate(args: &FabricateArgs) -> Result<()> {
             first_seen_ns: first_seen,
             last_change_ns: cut_ns,
             chunks,
+            // A fabricated device: nothing from before capture to wait for.
+            proven_ns: Some(first_seen),
             carries_in_flight: false,
         }];
         log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes })?;
