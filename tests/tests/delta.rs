@@ -55,7 +55,7 @@ fn odirect_random_writes() {
     for (k, v) in vols.iter().enumerate() {
         snaps[k].push(cbt.snapshot(v, &format!("{}-0", v.name)));
     }
-    let jobs: Vec<String> = vols.iter().map(|v| fio_random_job(&v.name, &v.dev, 0, v.size, "6m", rng.next())).collect();
+    let jobs: Vec<String> = vols.iter().map(|v| fio_random_job(&v.name, &v.dev, 0, v.size, "6m", rng.u64())).collect();
     let fio = Fio::start_checked(&jobs.join(" "));
     for i in 1..=8 {
         sleep_between(&mut rng, 300, 1500);
@@ -109,8 +109,8 @@ fn odirect_random_writes() {
     extra.finish();
 
     let mut alloc = AccuracyLog::new("allocated-odirect");
-    for k in 0..2 {
-        check_allocated(&cbt, snaps[k].last().unwrap(), true, &mut alloc);
+    for volume_snaps in &snaps {
+        check_allocated(&cbt, volume_snaps.last().unwrap(), true, &mut alloc);
     }
     alloc.finish();
     let mut cbt = cbt;
@@ -272,7 +272,7 @@ fn partition_writes() {
     let mut mount = Mount::new(&p1, "discard");
     snaps.push(cbt.snapshot(&vol, "part-mkfs"));
     let (churn, _) = file_churn(&mount.dir, 48 * MIB, rng.fork());
-    let fio = Fio::start_checked(&fio_random_job("p2", &p2, 0, 100 * MIB, "3m", rng.next()));
+    let fio = Fio::start_checked(&fio_random_job("p2", &p2, 0, 100 * MIB, "3m", rng.u64()));
     let p2f = std::fs::OpenOptions::new().write(true).open(&p2).unwrap();
     for i in 0..5 {
         sleep_between(&mut rng, 500, 1500);
@@ -435,7 +435,7 @@ fn chain_of_increments() {
         copy_file(&s0.image.path, &p);
         p
     });
-    let fio = Fio::start_checked(&fio_random_job("chain", &vol.dev, 0, 160 * MIB, "2m", rng.next()));
+    let fio = Fio::start_checked(&fio_random_job("chain", &vol.dev, 0, 160 * MIB, "2m", rng.u64()));
     let buffered = buffered_writer(&vol, 160 * MIB, 208 * MIB, rng.fork());
     let mixer = discard_mixer(&vol, 208 * MIB, vol.size, rng.fork());
     let mut log = AccuracyLog::new("chain");

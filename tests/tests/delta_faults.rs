@@ -56,7 +56,7 @@ fn agent_kill9_and_restart() {
     let vol = Volume::new(&fs, "kill9", 256, true);
     let down = vol.size - 16 * MIB;
     let mut cbt = Cbt::start(&[&vol]);
-    let fio = Fio::start_checked(&fio_random_job("kill9", &vol.dev, 0, down, "4m", rng.next()));
+    let fio = Fio::start_checked(&fio_random_job("kill9", &vol.dev, 0, down, "4m", rng.u64()));
     let mut snaps: Vec<Snap> = Vec::new();
     let mut life: Vec<usize> = Vec::new();
     let mut kills: Vec<Instant> = Vec::new();
@@ -217,7 +217,7 @@ fn wall_clock_jump() {
     let vol = Volume::new(&fs, "clock", 256, true);
     let quiet = vol.size - 16 * MIB;
     let mut cbt = Cbt::start(&[&vol]);
-    let fio = Fio::start_checked(&fio_random_job("clock", &vol.dev, 0, quiet, "4m", rng.next()));
+    let fio = Fio::start_checked(&fio_random_job("clock", &vol.dev, 0, quiet, "4m", rng.u64()));
     let mut snaps = vec![cbt.snapshot(&vol, "clock-0")];
     sleep_between(&mut rng, 500, 1200);
     snaps.push(cbt.snapshot(&vol, "clock-1"));
@@ -261,7 +261,7 @@ fn damaged_state_file() {
     let vol = Volume::new(&fs, "damage", 256, true);
     let quiet = vol.size - 16 * MIB;
     let mut cbt = Cbt::start(&[&vol]);
-    let fio = Fio::start_checked(&fio_random_job("damage", &vol.dev, 0, quiet, "4m", rng.next()));
+    let fio = Fio::start_checked(&fio_random_job("damage", &vol.dev, 0, quiet, "4m", rng.u64()));
     let mut snaps: Vec<Snap> = Vec::new();
     for i in 0..3 {
         sleep_between(&mut rng, 300, 1000);

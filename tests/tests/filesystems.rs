@@ -21,7 +21,7 @@ use std::{
     time::Instant,
 };
 
-use cbt_tests::{assert_superset, chunks, image_diff, require_root, sh, Harness, LoopDevice, RoaringTreemap};
+use cbt_tests::{accuracy::Rng, assert_superset, chunks, image_diff, require_root, sh, Harness, LoopDevice, RoaringTreemap};
 
 /// Chunk size the tracker runs with (its default) and the truth is cut at.
 const GRANULARITY: u64 = 4096;
@@ -91,55 +91,6 @@ impl Fs {
     }
 }
 
-/// splitmix64: deterministic, seeded content and choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[lo, hi)`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(hi > lo);
-        lo + self.next() % (hi - lo)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    /// Random bytes; never all zero in practice, so a written chunk differs
-    /// from a zeroed one.
-    fn bytes(&mut self, len: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len as usize + 8);
-        while (out.len() as u64) < len {
-            out.extend_from_slice(&self.next().to_le_bytes());
-        }
-        out.truncate(len as usize);
-        out
-    }
-
-    /// A file size: mostly small and medium, a few large; most of them not
-    /// a multiple of 4 KiB.
-    fn file_size(&mut self) -> u64 {
-        let size = match self.next() % 100 {
-            0..=29 => self.range(1, 8192),
-            30..=69 => self.range(8192, 256 << 10),
-            70..=94 => self.range(256 << 10, 2 << 20),
-            _ => self.range(2 << 20, 8 << 20),
-        };
-        if self.chance(10) {
-            size.div_ceil(4096) * 4096
-        } else {
-            size
-        }
-    }
-}
 
 /// A mounted filesystem on a fresh mount point; unmounted on drop.
 struct Mount {
@@ -236,7 +187,7 @@ impl Workload {
     fn new(root: PathBuf, base: &str, seed: u64) -> Self {
         Self {
             root,
-            rng: Rng(seed),
+            rng: Rng::new(seed),
             files: Vec::new(),
             dirs: vec![PathBuf::from(base)],
             next_id: 0,
@@ -293,7 +244,7 @@ impl Workload {
         let mut done = 0;
         while done < size {
             let piece = self.rng.range(1, 300_000).min(size - done);
-            f.write_all(&self.rng.bytes(piece)).expect("write");
+            f.write_all(&self.rng.bytes(piece as usize)).expect("write");
             done += piece;
         }
         if self.rng.chance(15) {
@@ -312,7 +263,7 @@ impl Workload {
         let size = self.size_of(&rel);
         let len = self.rng.range(1, 200_000);
         let mut f = OpenOptions::new().append(true).open(self.abs(&rel)).expect("open for append");
-        f.write_all(&self.rng.bytes(len)).expect("append");
+        f.write_all(&self.rng.bytes(len as usize)).expect("append");
         if self.rng.chance(20) {
             f.sync_data().expect("fdatasync");
             self.counts.fsyncs += 1;
@@ -331,7 +282,7 @@ impl Workload {
         let offset = self.rng.range(0, size - 1);
         let len = self.rng.range(1, (size - offset).min(150_000) + 1);
         let f = OpenOptions::new().write(true).open(self.abs(&rel)).expect("open for overwrite");
-        f.write_all_at(&self.rng.bytes(len), offset).expect("pwrite");
+        f.write_all_at(&self.rng.bytes(len as usize), offset).expect("pwrite");
         self.note_written(&rel, offset, len);
         self.counts.overwritten += 1;
     }
@@ -383,7 +334,7 @@ impl Workload {
             let at = offset + self.rng.range(0, len);
             let n = self.rng.range(1, 100_000);
             let f = OpenOptions::new().write(true).open(self.abs(&rel)).expect("open");
-            f.write_all_at(&self.rng.bytes(n), at).expect("pwrite into preallocation");
+            f.write_all_at(&self.rng.bytes(n as usize), at).expect("pwrite into preallocation");
             self.note_written(&rel, at, n);
         }
     }
@@ -414,7 +365,7 @@ impl Workload {
             self.mkdir();
         }
         for _ in 0..70 {
-            let size = self.rng.file_size();
+            let size = file_size(&mut self.rng);
             self.create(size);
         }
         // A few big files, so later punches and deletes free large extents.
@@ -432,7 +383,7 @@ impl Workload {
                 self.mkdir();
             }
             for _ in 0..45 {
-                let size = self.rng.file_size();
+                let size = file_size(&mut self.rng);
                 self.create(size);
             }
             for _ in 0..30 {
@@ -483,7 +434,7 @@ impl Workload {
         self.counts.deleted += 1;
         self.sync();
         for _ in 0..20 {
-            let size = self.rng.file_size();
+            let size = file_size(&mut self.rng);
             self.create(size);
         }
     }
@@ -657,4 +608,19 @@ fn xfs_churn_is_captured() {
 #[test]
 fn btrfs_churn_is_captured() {
     exercise(Fs::Btrfs);
+}
+
+/// A file size: mostly small, sometimes large, now and then 4 KiB-aligned.
+fn file_size(rng: &mut Rng) -> u64 {
+    let size = match rng.range(0, 100) {
+        0..=29 => rng.range(1, 8192),
+        30..=69 => rng.range(8192, 256 << 10),
+        70..=94 => rng.range(256 << 10, 2 << 20),
+        _ => rng.range(2 << 20, 8 << 20),
+    };
+    if rng.chance(10) {
+        size.div_ceil(4096) * 4096
+    } else {
+        size
+    }
 }

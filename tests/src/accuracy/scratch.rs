@@ -423,9 +423,12 @@ pub fn write_direct(f: &File, offset: u64, len: usize, rng: &mut Rng) {
 /// Writes that a frozen scratch filesystem holds in flight: each is an
 /// O_DIRECT write of random bytes on a thread of its own, submitted to the
 /// volume's block layer and stuck in the loop driver until the thaw.
+/// A writer thread and when its write completed.
+type HeldWriter = (JoinHandle<()>, Arc<Mutex<Option<Instant>>>);
+
 pub struct HeldWrites {
     pub ranges: Vec<(u64, u64)>,
-    threads: Vec<(JoinHandle<()>, Arc<Mutex<Option<Instant>>>)>,
+    threads: Vec<HeldWriter>,
 }
 
 impl HeldWrites {

@@ -124,7 +124,7 @@ impl Truth {
 
     /// The same set at a coarser granularity (a multiple of 512).
     pub fn chunks(&self, granularity: u64) -> RoaringTreemap {
-        assert!(granularity % SECTOR == 0);
+        assert!(granularity.is_multiple_of(SECTOR));
         let per = granularity / SECTOR;
         let mut out = RoaringTreemap::new();
         for s in self.sectors.iter() {

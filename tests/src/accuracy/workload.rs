@@ -19,13 +19,13 @@ use crate::sh;
 
 use super::scratch::{unique_name, AlignedBuf, Volume};
 
-/// splitmix64: deterministic, seeded choices and content.
+/// Deterministic, seeded choices and content (fastrand's wyrand).
 #[derive(Clone)]
-pub struct Rng(u64);
+pub struct Rng(fastrand::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(fastrand::Rng::with_seed(seed))
     }
 
     /// Seeded from `$CBT_SEED` if set, else from the clock; the seed is
@@ -36,26 +36,22 @@ impl Rng {
             t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
         });
         eprintln!("{tag}: seed {seed} (set CBT_SEED={seed} to repeat)");
-        Self(seed)
+        Self::new(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    pub fn u64(&mut self) -> u64 {
+        self.0.u64(..)
     }
 
     /// An independent stream (for another thread).
     pub fn fork(&mut self) -> Self {
-        Self(self.next())
+        Self(self.0.fork())
     }
 
     /// Uniform in `[lo, hi)`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         assert!(hi > lo, "empty range {lo}..{hi}");
-        lo + self.next() % (hi - lo)
+        self.0.u64(lo..hi)
     }
 
     /// A multiple of `align` in `[lo, hi)`.
@@ -64,7 +60,7 @@ impl Rng {
     }
 
     pub fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
+        self.0.u64(..100) < percent
     }
 
     pub fn duration(&mut self, lo: Duration, hi: Duration) -> Duration {
@@ -73,10 +69,7 @@ impl Rng {
 
     /// Random bytes (never an all-zero 512-byte sector in practice).
     pub fn fill(&mut self, buf: &mut [u8]) {
-        for w in buf.chunks_mut(8) {
-            let x = self.next().to_le_bytes();
-            w.copy_from_slice(&x[..w.len()]);
-        }
+        self.0.fill(buf);
     }
 
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
