@@ -54,6 +54,9 @@ struct RunArgs {
     /// A volume to serve, as NAME=DEVICE (repeatable), e.g. data=/dev/loop3.
     #[arg(long = "volume", value_name = "NAME=DEVICE")]
     volumes: Vec<VolumeSpec>,
+    /// More volumes, one NAME=DEVICE per line (`#` comments allowed).
+    #[arg(long, env = "CBT_VOLUMES_FILE")]
+    volumes_file: Option<PathBuf>,
     /// Tuples per chunk (FIXED_LENGTH) or coalesced extents (VARIABLE_LENGTH).
     #[arg(long, value_enum, default_value_t = MetadataType::Variable)]
     block_metadata_type: MetadataType,
@@ -98,7 +101,11 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let volumes = Volumes::new(args.volumes.clone())?;
+    let mut specs = args.volumes.clone();
+    if let Some(file) = &args.volumes_file {
+        specs.extend(cbt_agent::volumes::read_specs(file)?);
+    }
+    let volumes = Volumes::new(specs)?;
     for spec in volumes.iter() {
         match volumes.locate(&spec.name) {
             Ok(extent) => tracing::info!(volume = %spec, disk = %extent.disk.key, "serving volume"),

@@ -22,6 +22,19 @@ pub enum VolumeError {
     Duplicate(String),
     #[error("unknown volume {0:?}")]
     Unknown(String),
+    #[error("{path}:{line}: {source}")]
+    File {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: Box<VolumeError>,
+    },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("volume {volume:?}: {source}")]
     Device {
         volume: String,
@@ -51,6 +64,22 @@ impl fmt::Display for VolumeSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={}", self.name, self.device.display())
     }
+}
+
+/// Reads volumes from a file: one `NAME=DEVICE` per line, as on the
+/// command line; blank lines and `#` comments are skipped.
+pub fn read_specs(path: &std::path::Path) -> Result<Vec<VolumeSpec>, VolumeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| VolumeError::Read { path: path.into(), source })?;
+    parse_specs(&text).map_err(|(line, source)| VolumeError::File { path: path.into(), line, source: Box::new(source) })
+}
+
+fn parse_specs(text: &str) -> Result<Vec<VolumeSpec>, (usize, VolumeError)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| (i + 1, line.split('#').next().unwrap_or("").trim()))
+        .filter(|(_, line)| !line.is_empty())
+        .map(|(n, line)| line.parse().map_err(|e| (n, e)))
+        .collect()
 }
 
 /// The volumes this agent serves.
@@ -95,5 +124,13 @@ mod tests {
         assert!(matches!("x=".parse::<VolumeSpec>(), Err(VolumeError::Spec(_))));
         let twice = vec![v.clone(), v];
         assert!(matches!(Volumes::new(twice), Err(VolumeError::Duplicate(_))));
+    }
+
+    #[test]
+    fn reads_a_volumes_file_with_line_numbers_in_errors() {
+        let specs = parse_specs("# volumes\n\ndata=/dev/vdb  # the big one\nlogs=/dev/vdc1\n").unwrap();
+        assert_eq!(specs.iter().map(ToString::to_string).collect::<Vec<_>>(), ["data=/dev/vdb", "logs=/dev/vdc1"]);
+        let (line, _) = parse_specs("a=/dev/x\nbroken\n").unwrap_err();
+        assert_eq!(line, 2);
     }
 }
