@@ -63,6 +63,11 @@ struct RunArgs {
     /// Bytes per tracked chunk (a power of two, 512 B – 1 MiB).
     #[arg(long, default_value_t = 4096)]
     granularity: u64,
+    /// Do not attach the request-completion program: one program run less
+    /// per request, but a write in flight at a seal keeps its segment open
+    /// until the device is idle (less precise deltas under steady load).
+    #[arg(long)]
+    no_completion_tracking: bool,
     /// Hook flavor; by default `btf`, falling back to `classic`.
     #[arg(long, value_enum)]
     flavor: Option<Flavor>,
@@ -133,7 +138,7 @@ async fn run(args: RunArgs) -> Result<()> {
     };
 
     let options = TrackerOptions {
-        capture: CaptureOptions { flavor: args.flavor },
+        capture: CaptureOptions { flavor: args.flavor, completions: !args.no_completion_tracking },
         granularity: args.granularity,
         idle_probe: args.check_interval,
     };

@@ -55,7 +55,7 @@ pub struct TrackerOptions {
 impl Default for TrackerOptions {
     fn default() -> Self {
         Self {
-            capture: CaptureOptions { flavor: None },
+            capture: CaptureOptions::default(),
             granularity: 4096,
             idle_probe: std::time::Duration::from_millis(200),
         }

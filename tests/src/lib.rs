@@ -126,7 +126,11 @@ impl Harness {
     }
 
     pub fn with_flavor(flavor: Flavor, granularity: u64) -> Self {
-        Self::with(TrackerOptions { capture: CaptureOptions { flavor: Some(flavor) }, granularity, ..Default::default() })
+        Self::with(TrackerOptions {
+            capture: CaptureOptions { flavor: Some(flavor), ..Default::default() },
+            granularity,
+            ..Default::default()
+        })
     }
 
     pub fn with(options: TrackerOptions) -> Self {

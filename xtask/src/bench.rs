@@ -44,6 +44,10 @@ pub struct CaptureArgs {
     /// Markdown results [default: bench/results/capture.md in the workspace].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Extra arguments for `cbt-agent run` (repeatable), e.g.
+    /// `--agent-arg=--no-completion-tracking`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 pub fn run(bench: Bench) -> Result<()> {
@@ -109,7 +113,7 @@ fn capture(args: &CaptureArgs) -> Result<()> {
                 // clock reads to each run, so those rounds give ns/run and the
                 // others give the IOPS the agent really costs.
                 let timed = rounds.iter().filter(|r: &&Round| r.agent.is_some()).count() % 2 == 1;
-                agent_round(&disk.dev, args.runtime, &scratch.0, timed)?
+                agent_round(&disk.dev, args.runtime, &scratch.0, timed, &args.agent_args)?
             } else {
                 baseline_round(&disk.dev, args.runtime, &scratch.0)?
             };
@@ -262,12 +266,13 @@ struct AgentStats {
 }
 
 /// A round with the agent, and what else ran during it.
-fn agent_round(dev: &str, runtime: u64, scratch: &Path, timed: bool) -> Result<(Round, Vec<String>)> {
+fn agent_round(dev: &str, runtime: u64, scratch: &Path, timed: bool, extra: &[String]) -> Result<(Round, Vec<String>)> {
     // Declared first so the agent (stopped on drop) is gone before the
     // previous setting returns.
     let bpf_stats = if timed { Some(BpfStats::enable()?) } else { None };
     let status = scratch.join("status.json");
-    let mut agent = demo::start_agent_with(&status, &[], true)?;
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut agent = demo::start_agent_with(&status, &extra, true)?;
     // The machine was quiet just before, so every capture program now is ours.
     let watch = Watch::start(dev, capture_programs()?)?;
     let pid = agent.0.id();

@@ -67,6 +67,15 @@ pub enum Flavor {
 pub struct CaptureOptions {
     /// `None`: BTF if the kernel allows it, else classic.
     pub flavor: Option<Flavor>,
+    /// Attach the request-completion program (BTF flavor): precision for
+    /// writes in flight across a cut, at one more program run per request.
+    pub completions: bool,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        Self { flavor: None, completions: true }
+    }
 }
 
 /// Per-program kernel statistics (`bpf_prog_info`).
@@ -122,7 +131,7 @@ impl Capture {
                 failures.push(format!("{flavor:?}: {e}"));
                 continue;
             }
-            match Self::load(flavor, &config, nr_cpus) {
+            match Self::load(flavor, &config, nr_cpus, options.completions) {
                 Ok(capture) => return Ok(capture),
                 Err(e) => {
                     tracing::warn!(?flavor, error = %e, "hook flavor unavailable");
@@ -133,7 +142,7 @@ impl Capture {
         Err(CaptureError::NoFlavor(failures.join("; ")))
     }
 
-    fn load(flavor: Flavor, config: &ProgramConfig, nr_cpus: u32) -> Result<Self, CaptureError> {
+    fn load(flavor: Flavor, config: &ProgramConfig, nr_cpus: u32, completions: bool) -> Result<Self, CaptureError> {
         let ring_count = Rings::elements(nr_cpus);
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, config, true)
@@ -155,17 +164,18 @@ impl Capture {
                 let btf = aya::Btf::from_sys_fs().map_err(|e| CaptureError::Btf(e.to_string()))?;
                 // Completions first: a completion seen without its write
                 // only leaves a stale entry (over-report), never the reverse.
-                let list = [
+                let all = [
                     (programs::RQ_COMPLETE_BTF, "block_rq_complete"),
                     (programs::RQ_ISSUE_BTF, "block_rq_issue"),
                     (programs::BIO_QUEUE_BTF, "block_bio_queue"),
                 ];
-                for (name, tp) in list {
+                let list: Vec<_> = all.into_iter().filter(|(n, _)| completions || *n != programs::RQ_COMPLETE_BTF).collect();
+                for &(name, tp) in &list {
                     let prog: &mut BtfTracePoint = program(&mut ebpf, name)?;
                     prog.load(tp, &btf).map_err(|source| CaptureError::Program { name, source })?;
                     prog.attach().map_err(|source| CaptureError::Program { name, source })?;
                 }
-                list.map(|(n, _)| n).to_vec()
+                list.iter().map(|(n, _)| *n).collect()
             }
             Flavor::Classic => {
                 let list = [

@@ -349,11 +349,16 @@ impl ChangeSets {
         d.last_change_ns = d.last_change_ns.max(to_ns);
         let (first_chunk, last_chunk) = (start >> shift, (end - 1) >> shift);
         d.changed.insert_range(first_chunk..=last_chunk);
-        match kind {
-            // Their completions are reported, as contiguous ranges.
-            EventKind::Write | EventKind::WriteZeroes => d.in_flight.submitted(start, end),
-            EventKind::Discard if d.discards_counted => d.in_flight.submitted(start, end),
-            _ => d.in_flight.submitted_uncounted(start, end),
+        // Counting is only worth its cost once completions can count down
+        // (until then the settle rule carries everything, and trusting
+        // clears the counts).
+        if d.completions_trusted {
+            match kind {
+                // Their completions are reported, as contiguous ranges.
+                EventKind::Write | EventKind::WriteZeroes => d.in_flight.submitted(start, end),
+                EventKind::Discard if d.discards_counted => d.in_flight.submitted(start, end),
+                _ => d.in_flight.submitted_uncounted(start, end),
+            }
         }
     }
 
