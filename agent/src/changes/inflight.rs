@@ -24,9 +24,8 @@
 //! granularity) at the price of carrying a whole block for a write that is
 //! still in flight at a seal, which few are.
 
-use std::collections::HashMap;
-
 use roaring::RoaringTreemap;
+use rustc_hash::FxHashMap;
 
 /// Sectors per counted block, as a shift: 64 KiB.
 const BLOCK_SHIFT: u32 = 7;
@@ -37,7 +36,9 @@ const MAX_COUNTED_BLOCKS: usize = 1 << 20;
 
 #[derive(Debug, Default)]
 pub struct InFlight {
-    counts: HashMap<u64, u32>,
+    /// Block → submissions not yet counted down. Fx hashing: a lookup per
+    /// write and per completion is on the agent's hottest path.
+    counts: FxHashMap<u64, u32>,
     /// Blocks of ops that are never counted down (discards, secure erase,
     /// zone append, overflowed counts): in flight until [`Self::clear`].
     uncounted: RoaringTreemap,
