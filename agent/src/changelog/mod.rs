@@ -147,7 +147,6 @@ pub struct LogStats {
 }
 
 pub struct ChangeLog {
-    dir: PathBuf,
     journal: Journal,
     granularity: u64,
     boot_id: String,
@@ -201,7 +200,6 @@ impl ChangeLog {
             ..Default::default()
         };
         let mut log = Self {
-            dir: dir.to_path_buf(),
             journal,
             granularity,
             boot_id: boot_id()?,
@@ -697,10 +695,6 @@ impl ChangeLog {
             gaps: self.gaps.len(),
             compactions: self.compactions,
         }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 
