@@ -193,7 +193,7 @@ fn fabricate(args: &FabricateArgs) -> Result<()> {
             proven_ns: Some(first_seen),
             carries_in_flight: false,
         }];
-        log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes })?;
+        log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes, checkpoint: None })?;
         // The next check saw the device idle: this seal's writes completed.
         log.settle(key, monotonic_ns())?;
         Ok(())

@@ -224,3 +224,9 @@ mod tests {
         assert_eq!(k.to_string(), "7:3#9");
     }
 }
+
+/// This boot's id: `CLOCK_MONOTONIC` readings and `diskseq` values only
+/// compare within one boot.
+pub fn boot_id() -> std::io::Result<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string())
+}

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use cbt_agent::{
     admin::{self, AdminService, StatusFn},
-    capture::{CaptureOptions, Flavor},
+    capture::{CaptureOptions, Flavor, PinDir},
     changelog::{lock, ChangeLog, LogQueries, SharedLog},
     journal::write_atomic,
     statedir::StateDir,
@@ -34,6 +34,18 @@ enum Command {
     /// Capture block-device changes and serve the CSI SnapshotMetadata and
     /// admin APIs until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Detach the programs an agent left pinned (when uninstalling it; the
+    /// next agent on this state directory then starts with a gap). Refused
+    /// while an agent runs on the state directory.
+    Release(ReleaseArgs),
+}
+
+#[derive(clap::Args)]
+struct ReleaseArgs {
+    #[arg(long, default_value = "/var/lib/cbt", env = "CBT_STATE_DIR")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "/sys/fs/bpf/cbt", env = "CBT_PIN_ROOT")]
+    pin_root: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -84,6 +96,15 @@ struct RunArgs {
     /// Also write the JSON status here every check.
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// Where (in bpffs) the programs, links and rings are pinned, under a
+    /// directory per state directory: they keep capturing while the agent
+    /// restarts or is upgraded, and the next agent takes them over without
+    /// a gap. `cbt-agent release` removes them.
+    #[arg(long, default_value = "/sys/fs/bpf/cbt", env = "CBT_PIN_ROOT")]
+    pin_root: PathBuf,
+    /// Do not pin: every agent restart is a gap for every device.
+    #[arg(long)]
+    no_pin: bool,
 }
 
 fn main() -> Result<()> {
@@ -102,7 +123,21 @@ fn main() -> Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(run(args))
         }
+        Command::Release(args) => release(args),
     }
+}
+
+fn release(args: ReleaseArgs) -> Result<()> {
+    // Holding the state directory's lock: no agent can be running on it.
+    let _state = StateDir::open(&args.state_dir)
+        .with_context(|| format!("state directory {} (is an agent running on it?)", args.state_dir.display()))?;
+    let pins = PinDir::keyed(&args.pin_root, &args.state_dir);
+    if pins.release()? {
+        println!("released the capture pinned in {}", pins.path().display());
+    } else {
+        println!("nothing pinned in {}", pins.path().display());
+    }
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> Result<()> {
@@ -137,19 +172,25 @@ async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(async move { service::serve(&socket, source, options, stopped).await })
     };
 
-    let options = TrackerOptions {
-        capture: CaptureOptions { flavor: args.flavor, completions: !args.no_completion_tracking },
-        granularity: args.granularity,
-        idle_probe: args.check_interval,
-    };
-    let tracker = Tracker::start(&options).context("starting capture")?;
-    state.mark_dirty(b"running").context("writing the run marker")?;
-    let (log, report) = ChangeLog::open(state.path(), args.granularity, tracker.started_ns())
+    let (mut log, report) = ChangeLog::load(state.path(), args.granularity)
         .with_context(|| format!("opening the change log in {}", args.state_dir.display()))?;
     if let Some(damage) = &report.damage {
         tracing::error!(%damage, "change log damaged: a copy was kept; everything after the damage is a gap");
     }
     tracing::info!(?report, "change log loaded");
+    let options = TrackerOptions {
+        capture: CaptureOptions {
+            flavor: args.flavor,
+            completions: !args.no_completion_tracking,
+            pins: (!args.no_pin).then(|| PinDir::keyed(&args.pin_root, &args.state_dir)),
+        },
+        granularity: args.granularity,
+        idle_probe: args.check_interval,
+    };
+    let (tracker, continuity) = Tracker::take_over(&options, log.checkpoint()).context("starting capture")?;
+    tracing::info!(?continuity, "capture running");
+    state.mark_dirty(b"running").context("writing the run marker")?;
+    log.begin_run(tracker.started_ns(), &continuity).context("recording the run's start")?;
     let log: SharedLog = Arc::new(Mutex::new(log));
     queries.loaded(Arc::clone(&log));
 

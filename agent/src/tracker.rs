@@ -1,14 +1,15 @@
 //! The capture loop: drains the kernel rings into the change sets and turns
 //! every loss signal into a gap. One `Tracker` per node.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use cbt_common::{programs, CaptureEvent, EventKind};
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    capture::{Capture, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramStats},
-    changes::{ChangeSetError, ChangeSets, Gap, GapScope, TakenChanges},
-    devices::Disk,
+    capture::{Capture, CaptureCheckpoint, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramStats},
+    changes::{ChangeSetError, ChangeSets, DeviceCheckpoint, Gap, GapScope, TakenChanges},
+    devices::{self, Disk},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,30 @@ pub enum TrackerError {
     ChangeSets(#[from] ChangeSetError),
     #[error("membarrier(MEMBARRIER_CMD_GLOBAL) failed: {0}")]
     Membarrier(std::io::Error),
+    #[error("damaged checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+/// Where a seal left the record, for a later agent to take over the pinned
+/// capture and go on without a gap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// `cut_ns` is on this boot's `CLOCK_MONOTONIC`.
+    pub boot_id: String,
+    pub cut_ns: u64,
+    pub capture: CaptureCheckpoint,
+    pub devices: Vec<DeviceCheckpoint>,
+}
+
+/// How a tracker began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Continuity {
+    /// A new capture: nothing before its start is covered. `why`: the
+    /// reason an earlier one could not be taken over.
+    Fresh { why: Option<String> },
+    /// The capture of the checkpoint cut at `from_ns` was taken over:
+    /// coverage never stopped.
+    Resumed { from_ns: u64 },
 }
 
 /// Everything captured since the previous seal, cut at one instant.
@@ -30,6 +55,8 @@ pub struct Seal {
     /// No change in this seal was submitted after this.
     pub end_ns: u64,
     pub changes: Vec<TakenChanges>,
+    /// With a pinned capture: where a later agent may take over from.
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// What a periodic check proved.
@@ -101,11 +128,55 @@ pub fn monotonic_ns() -> u64 {
 }
 
 impl Tracker {
-    /// Attaches the capture. Everything written from this call's return on
-    /// is recorded or shows up as a gap.
+    /// Attaches a new capture. Everything written from this call's return
+    /// on is recorded or shows up as a gap.
     pub fn start(options: &TrackerOptions) -> Result<Self, TrackerError> {
-        let capture = Capture::start(&options.capture)?;
-        let mut changes = ChangeSets::new(options.granularity)?.with_completions(capture.tracks_completions());
+        Self::take_over(options, None).map(|(tracker, _)| tracker)
+    }
+
+    /// Takes over the pinned capture `checkpoint` describes if it can be
+    /// proven to have run on since, else attaches a new one.
+    pub fn take_over(
+        options: &TrackerOptions,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<(Self, Continuity), TrackerError> {
+        let mut changes = ChangeSets::new(options.granularity)?;
+        let mut replayed = Vec::new();
+        let resumed = match checkpoint {
+            None => Err(None),
+            Some(c) if devices::boot_id().ok().as_deref() != Some(c.boot_id.as_str()) => {
+                Err(Some("the checkpoint is from another boot".to_string()))
+            }
+            Some(c) => match Capture::resume(&options.capture, &c.capture, &mut replayed) {
+                Ok((capture, report)) => Ok((capture, report, c)),
+                Err(refused) => Err(Some(refused.to_string())),
+            },
+        };
+        let (capture, continuity) = match resumed {
+            Ok((capture, report, c)) => {
+                changes = changes.with_completions(capture.tracks_completions());
+                changes.restore(&c.devices, monotonic_ns()).map_err(TrackerError::Checkpoint)?;
+                let now = monotonic_ns();
+                changes.apply(&replayed, c.cut_ns, now);
+                if report.dropped > 0 {
+                    changes.record_gap(
+                        GapScope::AllDevices,
+                        c.cut_ns,
+                        now,
+                        format!("event ring overflow while no agent ran: {} events dropped", report.dropped),
+                    );
+                }
+                (capture, (Continuity::Resumed { from_ns: c.cut_ns }, Some((c, report))))
+            }
+            Err(why) => {
+                if let Some(why) = &why {
+                    tracing::warn!(%why, "cannot take over the pinned capture: starting a new one");
+                }
+                let capture = Capture::start(&options.capture)?;
+                changes = changes.with_completions(capture.tracks_completions());
+                (capture, (Continuity::Fresh { why }, None))
+            }
+        };
         let now = monotonic_ns();
         changes.discover(&Disk::all(), now);
         let mut tracker = Self {
@@ -119,9 +190,28 @@ impl Tracker {
             stats: HashMap::new(),
             loss: LossCounters::default(),
         };
-        // No baseline read of the programs' counters: they were loaded just
-        // now and start at zero, so a miss between attach and a first read
-        // is counted at the first check instead of being absorbed.
+        let (continuity, resumed) = continuity;
+        if let Some((c, report)) = resumed {
+            tracker.loss.events += report.events;
+            tracker.loss.dropped_events += report.dropped;
+            tracker.loss.completions_lost += report.completions_lost;
+            // Counted from the checkpoint's values: misses while no agent
+            // ran are gaps from its cut.
+            tracker.stats = tracker
+                .capture
+                .program_stats()?
+                .into_iter()
+                .map(|(name, now)| {
+                    let accounted = c.capture.recursion_misses.get(name).copied().unwrap_or(0);
+                    (name, ProgramStats { recursion_misses: accounted, ..now })
+                })
+                .collect();
+            tracker.loss.unpublishable = c.capture.unpublishable;
+            tracker.last_check_ns = c.cut_ns;
+        }
+        // A new capture's counters start at zero: no baseline read, so a
+        // miss between attach and a first read is counted at the first
+        // check instead of being absorbed.
         // Draining meanwhile: the rings are live and must not overflow.
         let probe_end = std::time::Instant::now() + options.idle_probe;
         while std::time::Instant::now() < probe_end {
@@ -129,7 +219,7 @@ impl Tracker {
             tracker.poll();
         }
         tracker.check()?;
-        Ok(tracker)
+        Ok((tracker, continuity))
     }
 
     pub fn flavor(&self) -> Flavor {
@@ -202,7 +292,24 @@ impl Tracker {
         // of an idle volume needs its tracking start.
         self.changes.discover(&Disk::all(), monotonic_ns());
         let end_ns = self.last_drain_end_ns;
-        Ok(Seal { cut_ns, end_ns, changes: self.changes.take_changes() })
+        // A checkpoint must not claim losses as accounted that are not:
+        // read the kernel's counters up to the drain now.
+        if self.capture.pins().is_some() {
+            self.account_kernel_losses(monotonic_ns())?;
+        }
+        let changes = self.changes.take_changes();
+        let checkpoint = self.checkpoint(cut_ns);
+        Ok(Seal { cut_ns, end_ns, changes, checkpoint })
+    }
+
+    fn checkpoint(&self, cut_ns: u64) -> Option<Checkpoint> {
+        let misses = self.stats.iter().map(|(name, s)| (name.to_string(), s.recursion_misses)).collect::<BTreeMap<_, _>>();
+        Some(Checkpoint {
+            boot_id: devices::boot_id().ok()?,
+            cut_ns,
+            capture: self.capture.checkpoint(misses, self.loss.unpublishable)?,
+            devices: self.changes.checkpoint(),
+        })
     }
 
     /// Gaps recorded since the previous call.
@@ -255,6 +362,18 @@ impl Tracker {
         let witness = self.changes.witness(&samples, now);
         self.loss.witness_alarms += witness.short.len() as u64;
 
+        self.account_kernel_losses(now)?;
+        self.changes.discover(&Disk::all(), now);
+        self.capture.flush_kernel_logs();
+        self.last_check_ns = now;
+        // Settled as of the counters' reading: changes drained after it
+        // were not part of the proof.
+        Ok(CheckReport { at_ns: sampled_at, settled: witness.settled })
+    }
+
+    /// Turns what the kernel counted as skipped or unpublishable since the
+    /// last look into gaps (from the previous check).
+    fn account_kernel_losses(&mut self, now: u64) -> Result<(), TrackerError> {
         for (name, stats) in self.capture.program_stats()? {
             let before = self.stats.insert(name, stats).unwrap_or_default();
             let missed = stats.recursion_misses.saturating_sub(before.recursion_misses);
@@ -281,12 +400,7 @@ impl Tracker {
             );
             self.loss.unpublishable = unpublishable;
         }
-        self.changes.discover(&Disk::all(), now);
-        self.capture.flush_kernel_logs();
-        self.last_check_ns = now;
-        // Settled as of the counters' reading: changes drained after it
-        // were not part of the proof.
-        Ok(CheckReport { at_ns: sampled_at, settled: witness.settled })
+        Ok(())
     }
 }
 

@@ -42,6 +42,16 @@ pub struct DrainReport {
     pub after_marks: Vec<std::ops::Range<usize>>,
 }
 
+/// What re-reading the rings after a checkpoint found besides events.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub events: u64,
+    /// Events the kernel could not publish since the checkpoint.
+    pub dropped: u64,
+    /// Completion events no longer readable (see [`DrainReport`]).
+    pub completions_lost: u64,
+}
+
 const ELEM_SIZE: usize = std::mem::size_of::<CpuRing>().next_multiple_of(8);
 
 impl Rings {
@@ -95,6 +105,94 @@ impl Rings {
             .collect()
     }
 
+    /// Every ring's consumer position: events before it were drained.
+    pub fn tails(&self) -> Vec<u64> {
+        // SAFETY: as in `drain`.
+        (0..self.count).map(|i| unsafe { AtomicU64::from_ptr(&raw mut (*self.ring(i)).consumer.tail).load(Ordering::Acquire) }).collect()
+    }
+
+    /// Every ring's drop count already reported by a drain.
+    pub fn accounted_drops(&self) -> Vec<u64> {
+        self.seen_dropped.clone()
+    }
+
+    /// Copies into `out` the events an earlier consumer drained after
+    /// `tails` (its checkpoint), which are still in their slots unless the
+    /// producer has since gone a whole ring further; and reports the drops
+    /// since `dropped`. Later drains report only newer drops.
+    ///
+    /// The consumer position is not moved back (the producer could see a
+    /// full ring it has already freed): the slots are read in place, and
+    /// trusted only if the producer's head shows, after the copy, that it
+    /// has not written over them (nor is writing one: it writes one slot
+    /// at a time, at its head).
+    pub fn replay(&mut self, out: &mut Vec<CaptureEvent>, tails: &[u64], dropped: &[u64]) -> Result<ReplayReport, String> {
+        let mut report = ReplayReport::default();
+        let start = out.len();
+        let mut copied = Vec::with_capacity(self.count);
+        for i in 0..self.count {
+            let ring = self.ring(i);
+            // SAFETY: as in `drain`; only slots are read, nothing is written.
+            unsafe {
+                let tail = AtomicU64::from_ptr(&raw mut (*ring).consumer.tail).load(Ordering::Acquire);
+                let from = tails[i];
+                if from > tail || tail - from > RING_SLOTS as u64 {
+                    copied.push(None);
+                    continue;
+                }
+                let slots = &raw const (*ring).slots;
+                let first = out.len();
+                for seq in from..tail {
+                    let slot = (slots as *const CaptureEvent).add((seq & (RING_SLOTS as u64 - 1)) as usize);
+                    out.push(std::ptr::read_volatile(slot));
+                }
+                copied.push(Some(first..out.len()));
+            }
+        }
+        // The copies above happen before the heads below are read.
+        std::sync::atomic::fence(Ordering::Acquire);
+        let mut kept = Vec::with_capacity(out.len() - start);
+        for (i, range) in copied.into_iter().enumerate() {
+            let completions = self.is_completion_ring(i);
+            let ring = self.ring(i);
+            // SAFETY: as in `drain`.
+            let (head, dropped_now) = unsafe {
+                (
+                    AtomicU64::from_ptr(&raw mut (*ring).producer.head).load(Ordering::Acquire),
+                    std::ptr::read_volatile(&raw const (*ring).producer.dropped),
+                )
+            };
+            // Strictly below: the producer may be writing the slot of `head`
+            // itself, not yet published.
+            let intact = range.filter(|r| r.is_empty() || head.wrapping_sub(tails[i]) < RING_SLOTS as u64);
+            match (intact, completions) {
+                (Some(range), _) => kept.extend_from_slice(&out[range]),
+                (None, true) => report.completions_lost += 1,
+                (None, false) => {
+                    return Err(format!(
+                        "ring {i} moved {} events past the checkpoint, more than it holds ({RING_SLOTS})",
+                        head.wrapping_sub(tails[i])
+                    ))
+                }
+            }
+            let new = dropped_now.wrapping_sub(dropped[i]);
+            if completions {
+                report.completions_lost += new;
+            } else {
+                report.dropped += new;
+            }
+            self.seen_dropped[i] = dropped_now;
+        }
+        out.truncate(start);
+        report.events = kept.len() as u64;
+        out.extend(kept);
+        Ok(report)
+    }
+
+    fn is_completion_ring(&self, i: usize) -> bool {
+        i as u32 / (self.count as u32 / RING_SETS) == RingSet::Complete as u32
+    }
+
     /// Copies every published event into `out` and frees the slots.
     ///
     /// An event whose program finished before this call started is always
@@ -112,7 +210,7 @@ impl Rings {
                 let tail_ptr = &raw mut (*ring).consumer.tail;
                 let tail = AtomicU64::from_ptr(tail_ptr).load(Ordering::Relaxed);
                 let fill = head.wrapping_sub(tail);
-                let completions = i as u32 / (self.count as u32 / RING_SETS) == RingSet::Complete as u32;
+                let completions = self.is_completion_ring(i);
                 if fill > RING_SLOTS as u64 {
                     if completions {
                         report.completions_lost += 1;

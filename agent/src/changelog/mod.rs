@@ -31,7 +31,7 @@ use crate::{
     devices::DeviceKey,
     journal::{Journal, JournalError},
     query::{ChunkMap, MetadataSource, QueryError},
-    tracker::{monotonic_ns, Seal},
+    tracker::{monotonic_ns, Checkpoint, Continuity, Seal},
 };
 
 /// A point on the log's timeline, in ns.
@@ -160,6 +160,10 @@ pub struct ChangeLog {
     next_cut_id: u64,
     /// Start of the open segment: the previous seal's cut.
     last_cut: Stamp,
+    /// The latest durable seal's capture checkpoint.
+    checkpoint: Option<Box<Checkpoint>>,
+    /// Set by [`Self::load`], acted on by [`Self::begin_run`].
+    recovery: Option<Recovery>,
     /// Journal size after the last compaction (or open).
     compacted_bytes: u64,
     seals_since_compaction: u64,
@@ -176,22 +180,39 @@ const COMPACT_SLACK_BYTES: u64 = 64 << 20;
 const COMPACT_AFTER_SEALS: u64 = 128;
 
 fn boot_id() -> Result<String, LogError> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).map_err(LogError::BootId)
+    crate::devices::boot_id().map_err(LogError::BootId)
 }
 
 fn unix_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// What replaying the journal found that the run's start must act on.
+#[derive(Debug)]
+struct Recovery {
+    /// The previous run's last durable seal (or its start).
+    last_durable: Option<Stamp>,
+    /// The latest stamp any record shows.
+    latest: Stamp,
+    clean: Option<bool>,
+    damage: Option<String>,
+    repair: bool,
+}
+
 impl ChangeLog {
-    /// Opens (or creates) the log in `dir` and replays it. Everything
-    /// between the previous run's last durable seal and now becomes a gap
-    /// for all devices (the agent was not capturing), as does anything after
-    /// damage in the journal.
-    ///
-    /// `capture_started`: when the capture was attached (`CLOCK_MONOTONIC`):
-    /// the first segment starts there.
+    /// Opens (or creates) the log in `dir`, replays it and begins a run
+    /// with a new capture attached at `capture_started` (see
+    /// [`Self::begin_run`]).
     pub fn open(dir: &Path, granularity: u64, capture_started: u64) -> Result<(Self, OpenReport), LogError> {
+        let (mut log, report) = Self::load(dir, granularity)?;
+        log.begin_run(capture_started, &Continuity::Fresh { why: None })?;
+        Ok((log, report))
+    }
+
+    /// Opens (or creates) the log in `dir` and replays it. Nothing is
+    /// recorded until [`Self::begin_run`], which must come before any
+    /// other change.
+    pub fn load(dir: &Path, granularity: u64) -> Result<(Self, OpenReport), LogError> {
         let (journal, recovered) = Journal::open(&dir.join(JOURNAL))?;
         let mut report = OpenReport {
             records: recovered.records.len(),
@@ -211,6 +232,8 @@ impl ChangeLog {
             cuts: HashMap::new(),
             next_cut_id: 1,
             last_cut: 0,
+            checkpoint: None,
+            recovery: None,
             compacted_bytes: 0,
             seals_since_compaction: 0,
             compactions: 0,
@@ -261,40 +284,74 @@ impl ChangeLog {
             }
             None => (0, 0),
         };
-        let now = log.now();
-        log.last_cut = log.stamp(capture_started);
-        log.append(&Record::Run {
-            boot_id: log.boot_id.clone(),
-            boot: log.boot,
-            base: log.base,
+        if report.damage.is_some() || report.new_boot {
+            // Records after the damage may be lost, and the capture of
+            // another boot is gone.
+            log.checkpoint = None;
+        }
+        log.recovery = Some(Recovery {
+            last_durable,
+            latest,
+            clean,
+            damage: report.damage.clone(),
+            repair: report.damage.is_some() || report.torn_tail_bytes > 0,
+        });
+        Ok((log, report))
+    }
+
+    /// Where the previous run's last durable seal left the capture, if a
+    /// new agent may try to take it over.
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoint.as_deref()
+    }
+
+    /// Records the start of a run. With a new capture (attached at
+    /// `capture_started`, `CLOCK_MONOTONIC`), everything between the
+    /// previous run's last durable seal and now becomes a gap for all
+    /// devices (nothing was capturing), as does anything after damage in
+    /// the journal; and no device is covered again until it is proven to
+    /// have nothing from before pending. A resumed capture never stopped:
+    /// the next segment simply starts at the checkpoint's cut.
+    pub fn begin_run(&mut self, capture_started: u64, continuity: &Continuity) -> Result<(), LogError> {
+        let Some(recovery) = self.recovery.take() else { return Ok(()) };
+        let now = self.now();
+        let resumed = matches!(continuity, Continuity::Resumed { .. });
+        if !resumed {
+            self.last_cut = self.stamp(capture_started);
+        }
+        self.append(&Record::Run {
+            boot_id: self.boot_id.clone(),
+            boot: self.boot,
+            base: self.base,
             started: now,
-            granularity,
+            granularity: self.granularity,
             pid: std::process::id(),
         })?;
-        if let Some(since) = last_durable {
-            let reason = match (&report.damage, clean) {
-                (Some(damage), _) => format!("state journal damaged ({damage}): records after it are lost"),
-                (None, Some(true)) => "agent was not running".to_string(),
+        if let (Some(since), false) = (recovery.last_durable, resumed) {
+            let reason = match (&recovery.damage, recovery.clean, continuity) {
+                (Some(damage), _, _) => format!("state journal damaged ({damage}): records after it are lost"),
+                (None, _, Continuity::Fresh { why: Some(why) }) => format!("capture restarted ({why})"),
+                (None, Some(true), _) => "agent was not running".to_string(),
                 _ => "agent stopped without a clean shutdown".to_string(),
             };
             // After damage, even the last intact seal may be followed by
             // lost gaps: the gap starts at the latest stamp seen, or
             // earlier, at the last durable seal.
-            log.add_gap(GapInfo { instance: None, from: since.min(latest), to: now, reason })?;
+            self.add_gap(GapInfo { instance: None, from: since.min(recovery.latest), to: now, reason })?;
+            // Writes submitted while no agent watched may still be in
+            // flight and land later: no device of this boot is covered
+            // again until it is seen with nothing pending.
+            let current: Vec<InstanceId> = self.instances.keys().filter(|i| i.boot == self.boot).copied().collect();
+            for instance in current {
+                self.open_gap(instance, self.last_cut)?;
+            }
         }
-        // Writes submitted while no agent watched may still be in flight and
-        // land later: no device of this boot is covered again until it is
-        // seen with nothing pending.
-        let current: Vec<InstanceId> = log.instances.keys().filter(|i| i.boot == log.boot).copied().collect();
-        for instance in current {
-            log.open_gap(instance, log.last_cut)?;
+        self.journal.sync()?;
+        if recovery.repair {
+            self.compact()?;
         }
-        log.journal.sync()?;
-        if report.damage.is_some() || report.torn_tail_bytes > 0 {
-            log.compact()?;
-        }
-        log.compacted_bytes = log.journal.len_bytes();
-        Ok((log, report))
+        self.compacted_bytes = self.journal.len_bytes();
+        Ok(())
     }
 
     fn replay(&mut self, record: Record) -> Result<(), LogError> {
@@ -303,7 +360,8 @@ impl ChangeLog {
             Record::Instance { id, name, tracked_since } => {
                 self.instances.entry(id).or_insert(InstanceLog { name, tracked_since, segments: Vec::new(), settled_at: None });
             }
-            Record::Seal { cut, segments } => {
+            Record::Seal { cut, segments, checkpoint } => {
+                self.checkpoint = checkpoint;
                 for s in segments {
                     let chunks = record::decode_chunks(&s.chunks)?;
                     let log = self.instances.get_mut(&s.instance).ok_or(LogError::UnknownInstance(s.instance))?;
@@ -463,7 +521,9 @@ impl ChangeLog {
             log.segments.push(seg);
         }
         let segments_empty = segments.is_empty();
-        self.append(&Record::Seal { cut, segments })?;
+        let checkpoint = seal.checkpoint.map(Box::new);
+        self.append(&Record::Seal { cut, segments, checkpoint: checkpoint.clone() })?;
+        self.checkpoint = checkpoint;
         self.journal.sync()?;
         self.last_cut = cut;
         if !segments_empty {
@@ -667,7 +727,7 @@ impl ChangeLog {
                 chunks: record::encode_chunks(&s.chunks),
             }));
         }
-        push(Record::Seal { cut: self.last_cut, segments })?;
+        push(Record::Seal { cut: self.last_cut, segments, checkpoint: self.checkpoint.clone() })?;
         for log in self.instances.iter().filter_map(|(id, l)| l.settled_at.map(|at| (id, at))) {
             push(Record::Settled { instance: *log.0, at: log.1 })?;
         }
@@ -748,7 +808,7 @@ fn record_stamp(record: &Record) -> Stamp {
     match record {
         Record::Run { started, .. } => *started,
         Record::Instance { tracked_since, .. } => *tracked_since,
-        Record::Seal { cut, segments } => segments.iter().map(|s| s.end).fold(*cut, Stamp::max),
+        Record::Seal { cut, segments, .. } => segments.iter().map(|s| s.end).fold(*cut, Stamp::max),
         Record::Settled { at, .. } | Record::Stop { at } => *at,
         Record::Gap { from, .. } => *from,
         Record::GapClosed { at, .. } => *at,

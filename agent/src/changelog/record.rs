@@ -6,6 +6,7 @@ use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
 
 use super::{InstanceId, SnapshotInfo, Stamp};
+use crate::tracker::Checkpoint;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Record {
@@ -15,7 +16,13 @@ pub enum Record {
     Instance { id: InstanceId, name: String, tracked_since: Stamp },
     /// A seal: every change submitted before `cut` is in this or an earlier
     /// seal. Durable once synced; the unit of crash recovery.
-    Seal { cut: Stamp, segments: Vec<SegmentRecord> },
+    /// With `checkpoint`, a later agent can take over the capture from here.
+    Seal {
+        cut: Stamp,
+        segments: Vec<SegmentRecord>,
+        #[serde(default)]
+        checkpoint: Option<Box<Checkpoint>>,
+    },
     /// Every captured change of `instance` had completed by `at`.
     Settled { instance: InstanceId, at: Stamp },
     /// Changes in `[from, to]` may be missing; `instance: None` = all.

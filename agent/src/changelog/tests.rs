@@ -19,6 +19,8 @@ struct Fixture {
     /// What the tracker says about the device being free of writes from
     /// before capture (see `DeviceChanges::proven_ns`).
     proven: Option<u64>,
+    /// What each seal hands the log for a later agent to take over from.
+    checkpoint: Option<Checkpoint>,
 }
 
 impl Fixture {
@@ -27,7 +29,7 @@ impl Fixture {
         let started = monotonic_ns();
         let (log, report) = ChangeLog::open(dir.path(), G, started).unwrap();
         assert!(report.previous_run_clean.is_none());
-        let mut f = Self { dir, log, started, proven: Some(started) };
+        let mut f = Self { dir, log, started, proven: Some(started), checkpoint: None };
         f.seal(&[]); // registers the device with no changes
         f
     }
@@ -56,7 +58,21 @@ impl Fixture {
             proven_ns: self.proven,
             carries_in_flight: false,
         }];
-        self.log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes }).unwrap();
+        let checkpoint = self.checkpoint.clone().map(|c| Checkpoint { cut_ns, ..c });
+        self.log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes, checkpoint }).unwrap();
+    }
+
+    /// Reopens as an agent that took the capture over from the last
+    /// checkpoint does.
+    fn resume(&mut self) -> OpenReport {
+        let placeholder = tempfile::tempdir().unwrap();
+        let (empty, _) = ChangeLog::open(placeholder.path(), G, monotonic_ns()).unwrap();
+        drop(std::mem::replace(&mut self.log, empty));
+        let (mut log, report) = ChangeLog::load(self.dir.path(), G).unwrap();
+        let from_ns = log.checkpoint().expect("a checkpoint to resume from").cut_ns;
+        log.begin_run(monotonic_ns(), &Continuity::Resumed { from_ns }).unwrap();
+        self.log = log;
+        report
     }
 
     fn settle(&mut self) {
@@ -287,7 +303,7 @@ fn no_answer_until_nothing_from_before_capture_can_land() {
             proven_ns: proven,
             carries_in_flight: true,
         }];
-        f.log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes }).unwrap();
+        f.log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes, checkpoint: None }).unwrap();
     };
     let snapshot = |f: &mut Fixture, handle: &str| {
         f.log.begin_cut("busy").unwrap();
@@ -320,4 +336,66 @@ fn no_answer_until_nothing_from_before_capture_can_land() {
     snapshot(&mut f, "x5");
     snapshot(&mut f, "x6");
     assert!(f.log.delta("x5", "x6").is_err(), "writes from before the restart may still land");
+}
+
+fn sample_checkpoint() -> Checkpoint {
+    Checkpoint {
+        boot_id: crate::devices::boot_id().unwrap(),
+        cut_ns: 0,
+        capture: crate::capture::CaptureCheckpoint {
+            identity: "object-config-programs".into(),
+            rings_map_id: 42,
+            tails: vec![10, 20, 30],
+            dropped: vec![0, 1, 0],
+            recursion_misses: [("bio_queue_btf".to_string(), 3)].into_iter().collect(),
+            unpublishable: 0,
+        },
+        devices: Vec::new(),
+    }
+}
+
+#[test]
+fn a_taken_over_capture_keeps_answering_across_the_restart() {
+    let mut f = Fixture::new();
+    f.checkpoint = Some(sample_checkpoint());
+    f.snapshot("a", &[1]);
+    f.seal(&[2]);
+    let last = f.log.checkpoint().cloned().unwrap();
+    // Killed: chunk 3 was only in memory; the new agent re-reads it from
+    // the pinned rings and seals it after the restart.
+    let report = f.resume();
+    assert_eq!(report.previous_run_clean, Some(false));
+    assert_eq!(f.log.checkpoint(), Some(&last), "the last durable seal's checkpoint is what a new agent gets");
+    f.seal(&[3]);
+    f.settle();
+    f.snapshot("b", &[4]);
+    f.settle();
+    assert_eq!(f.delta("a", "b").unwrap(), vec![1, 2, 3, 4], "no gap: the capture never stopped");
+    assert!(f.log.gaps().iter().all(|g| g.instance.is_some() || g.reason.contains("before capture")), "{:?}", f.log.gaps());
+    // Compaction keeps the checkpoint; a fresh start records the downtime.
+    f.log.compact().unwrap();
+    let compacted = f.log.checkpoint().cloned();
+    let (log, _) = ChangeLog::load(f.dir.path(), G).unwrap();
+    assert_eq!(log.checkpoint().cloned(), compacted);
+    drop(log);
+    f.reopen();
+    f.snapshot("c", &[5]);
+    assert!(matches!(f.delta("b", "c"), Err(QueryError::FailedPrecondition(_))), "a new capture leaves a gap");
+}
+
+#[test]
+fn no_checkpoint_is_offered_after_damage() {
+    let mut f = Fixture::new();
+    f.checkpoint = Some(sample_checkpoint());
+    for i in 0..20 {
+        f.seal(&[i]);
+    }
+    let path = f.dir.path().join(JOURNAL);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() * 3 / 4;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let (log, report) = ChangeLog::load(f.dir.path(), G).unwrap();
+    assert!(report.damage.is_some(), "{report:?}");
+    assert!(log.checkpoint().is_none(), "records after damage may be lost: no take-over");
 }

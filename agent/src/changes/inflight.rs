@@ -99,8 +99,7 @@ impl InFlight {
     /// Every chunk (of `2^chunk_shift` sectors) that may still have a write
     /// in flight.
     pub fn chunks(&self, chunk_shift: u32) -> RoaringTreemap {
-        let mut blocks = self.uncounted.clone();
-        blocks.extend(self.counts.keys().copied());
+        let blocks = self.blocks();
         if chunk_shift >= BLOCK_SHIFT {
             return blocks.iter().map(|b| b >> (chunk_shift - BLOCK_SHIFT)).collect();
         }
@@ -116,6 +115,20 @@ impl InFlight {
     pub fn clear(&mut self) {
         self.counts.clear();
         self.uncounted.clear();
+    }
+
+    /// The 64 KiB blocks that may have a write in flight.
+    pub fn blocks(&self) -> RoaringTreemap {
+        let mut blocks = self.uncounted.clone();
+        blocks.extend(self.counts.keys().copied());
+        blocks
+    }
+
+    /// Takes over `blocks` (from [`Self::blocks`] of an earlier record) as
+    /// in flight until [`Self::clear`]: how many writes each had pending is
+    /// not known, so none is ever counted down.
+    pub fn restore(&mut self, blocks: &RoaringTreemap) {
+        self.uncounted |= blocks;
     }
 
     /// Blocks that may have a write in flight.
@@ -148,6 +161,24 @@ mod tests {
         f.completed(B / 2, 2 * B + 8, false);
         // Block 1 was counted twice and counted down once: carried, safely.
         assert_eq!(blocks_of(&f), vec![1]);
+    }
+
+    #[test]
+    fn restored_blocks_survive_any_completion() {
+        let mut before = InFlight::default();
+        before.submitted(3 * B, 3 * B + 8);
+        before.submitted_uncounted(9 * B, 9 * B + 8);
+        let mut after = InFlight::default();
+        after.restore(&before.blocks());
+        // The write in flight at the checkpoint completes, and so does a
+        // new one on the same block: neither may take the block down, as
+        // the new agent cannot tell how many were pending.
+        after.submitted(3 * B, 3 * B + 8);
+        after.completed(3 * B, 3 * B + 8, false);
+        after.completed(3 * B, 3 * B + 8, false);
+        assert_eq!(blocks_of(&after), vec![3, 9]);
+        after.clear();
+        assert!(after.is_empty());
     }
 
     #[test]

@@ -112,6 +112,22 @@ pub struct TakenChanges {
     pub carries_in_flight: bool,
 }
 
+/// A device's state at a seal that a later agent needs to go on without a
+/// gap (see [`ChangeSets::checkpoint`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceCheckpoint {
+    pub dev: u32,
+    pub diskseq: u64,
+    /// Nothing from before capture can still land (see
+    /// [`DeviceChanges::proven_ns`]).
+    pub proven: bool,
+    pub completions_trusted: bool,
+    /// Portable roaring set of the 64 KiB blocks that may have had a write
+    /// in flight at the seal.
+    #[serde(with = "serde_bytes")]
+    pub in_flight_blocks: Vec<u8>,
+}
+
 /// What one witness pass found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct WitnessReport {
@@ -224,6 +240,50 @@ impl ChangeSets {
                 }
             })
             .collect()
+    }
+
+    /// Every device's state as [`Self::take_changes`] left it: call right
+    /// after it, with nothing applied in between.
+    pub fn checkpoint(&self) -> Vec<DeviceCheckpoint> {
+        self.devices
+            .iter()
+            .map(|(key, d)| {
+                let mut in_flight_blocks = Vec::new();
+                d.in_flight.blocks().serialize_into(&mut in_flight_blocks).expect("writing to a Vec cannot fail");
+                DeviceCheckpoint {
+                    dev: key.dev,
+                    diskseq: key.diskseq,
+                    proven: d.proven_ns.is_some(),
+                    completions_trusted: d.completions_trusted,
+                    in_flight_blocks,
+                }
+            })
+            .collect()
+    }
+
+    /// Goes on from a [`Self::checkpoint`] of the same capture (which never
+    /// stopped since): the writes in flight then are carried into the next
+    /// segment and stay in flight until the device is seen idle.
+    pub fn restore(&mut self, devices: &[DeviceCheckpoint], now_ns: u64) -> Result<(), String> {
+        let shift = self.chunk_shift - 9;
+        let completions = self.completions;
+        for c in devices {
+            let blocks = RoaringTreemap::deserialize_from(&c.in_flight_blocks[..])
+                .map_err(|e| format!("in-flight blocks of {}:{}: {e}", c.dev, c.diskseq))?;
+            let d = self.entry(DeviceKey { dev: c.dev, diskseq: c.diskseq }, now_ns);
+            if c.proven {
+                d.proven_ns = Some(now_ns);
+            }
+            if c.completions_trusted {
+                d.trust_completions(completions);
+                d.in_flight.restore(&blocks);
+                d.carried = d.in_flight.chunks(shift);
+            }
+        }
+        // Every device present at the checkpoint is in it: any other one
+        // appeared later, while capture ran.
+        self.discovered_once = true;
+        Ok(())
     }
 
     pub fn record_gap(&mut self, scope: GapScope, from_ns: u64, to_ns: u64, reason: impl Into<String>) {
