@@ -146,6 +146,80 @@ fn agent_kill9_and_restart() {
     cbt.assert_healthy();
 }
 
+/// The agent pins its capture: a SIGTERM stop and a kill -9 while writes
+/// go on (and more land while it is down) are taken over by the next agent,
+/// so every pair spanning them answers a superset list — never exit 3. Once
+/// the pins are released (`cbt-agent release`), the downtime is a gap again.
+#[test]
+fn restarts_take_over_the_pinned_capture() {
+    require_root();
+    let mut rng = Rng::from_env("takeover");
+    let fs = ScratchFs::new("takeover", 2);
+    let vol = Volume::new(&fs, "takeover", 256, true);
+    let down = vol.size - 32 * MIB;
+    let mut cbt = Cbt::start(&[&vol]);
+    // Light enough that what is written between the last seal and the
+    // restart fits in the rings (8192 events per CPU).
+    let fio = Fio::start_checked(&fio_random_job("takeover", &vol.dev, 0, down, "1m", rng.u64()));
+    let mut snaps: Vec<Snap> = Vec::new();
+    let take = |cbt: &Cbt, rng: &mut Rng, snaps: &mut Vec<Snap>| {
+        sleep_between(rng, 300, 900);
+        let n = snaps.len();
+        snaps.push(cbt.snapshot(&vol, &format!("takeover-{n}")));
+    };
+    let mut region = down;
+    let mut markers = |rng: &mut Rng| {
+        let written = write_markers(&vol, region, region + 8 * MIB, 16, 4096, rng);
+        region += 8 * MIB;
+        written
+    };
+    take(&cbt, &mut rng, &mut snaps);
+    take(&cbt, &mut rng, &mut snaps);
+    // 1: clean stop and start, writes going on throughout.
+    if let Some(a) = cbt.agent_mut() {
+        a.terminate();
+    }
+    markers(&mut rng);
+    if let Some(a) = cbt.agent_mut() {
+        a.restart();
+    }
+    take(&cbt, &mut rng, &mut snaps);
+    // 2: kill -9 some time after the last seal.
+    sleep_between(&mut rng, 0, 3000);
+    if let Some(a) = cbt.agent_mut() {
+        a.kill9();
+    }
+    markers(&mut rng);
+    sleep_between(&mut rng, 200, 1000);
+    if let Some(a) = cbt.agent_mut() {
+        a.restart();
+    }
+    take(&cbt, &mut rng, &mut snaps);
+    take(&cbt, &mut rng, &mut snaps);
+    // 3: released while stopped: a new capture, and a gap.
+    if let Some(a) = cbt.agent_mut() {
+        a.terminate();
+        a.release();
+    }
+    markers(&mut rng);
+    if let Some(a) = cbt.agent_mut() {
+        a.restart();
+    }
+    take(&cbt, &mut rng, &mut snaps);
+    fio.stop();
+
+    let mut log = AccuracyLog::new("fault-restart-takeover");
+    for (i, j) in [(0, 1), (1, 2), (2, 3), (1, 3), (0, 4), (3, 4)] {
+        judge(&cbt, &snaps, i, j, Expect::List, &mut log);
+    }
+    let released = judge(&cbt, &snaps, 4, 5, Expect::ListOrFallback, &mut log);
+    if cbt.is_agent() {
+        assert_eq!(released, Outcome::FellBack, "after release the restart is a new capture: the downtime is a gap");
+    }
+    log.finish();
+    cbt.assert_healthy();
+}
+
 /// The agent is stopped (SIGSTOP) while a burst of O_DIRECT writes (far
 /// more events than its per-CPU rings hold) runs, then marker writes land
 /// in a region the burst never touched; after SIGCONT, a pair spanning the

@@ -132,6 +132,12 @@ fn test(filter: Option<String>) -> Result<()> {
     // the suite's tests each make their own devices and tracker.
     run(cargo(None).current_dir(root()).args(["test", "--workspace", "--exclude", "cbt-tests"]).args(&filter))?;
     let _ = std::fs::remove_file(accuracy_report());
+    // Captures pinned by tests of an earlier, interrupted run would stay
+    // attached and slow every write: unpinning detaches them.
+    let pins = std::path::Path::new(TEST_PIN_ROOT);
+    if pins.exists() {
+        std::fs::remove_dir_all(pins).with_context(|| format!("clearing {}", pins.display()))?;
+    }
     let mut suite = cargo(None);
     suite.current_dir(root()).args(["test", "--release", "-p", "cbt-tests"]).args(&filter).args(["--", "--test-threads=2"]);
     for (var, path) in [("CBT_AGENT_BIN", agent_binary()), ("CBTCTL_BIN", cbtctl_binary())] {
@@ -145,6 +151,9 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     result
 }
+
+/// Where the privileged tests pin captures (see tests/src/accuracy/agent.rs).
+const TEST_PIN_ROOT: &str = "/sys/fs/bpf/cbt-tests";
 
 pub fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -200,6 +200,10 @@ impl Cbtctl {
     }
 }
 
+/// Where test agents pin their captures (one directory per state dir);
+/// `cargo xtask test` clears it before the suite.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/cbt-tests/agents";
+
 /// Options of `cbt-agent run` beyond the fixed ones.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -294,7 +298,9 @@ impl Agent {
             .arg("--granularity")
             .arg(self.options.granularity.to_string())
             .arg("--status-file")
-            .arg(&self.status_file);
+            .arg(&self.status_file)
+            .arg("--pin-root")
+            .arg(PIN_ROOT);
         if let Some(s) = &self.options.segment_interval {
             cmd.arg("--segment-interval").arg(s);
         }
@@ -378,6 +384,26 @@ impl Agent {
         self.signal(libc::SIGCONT);
     }
 
+    /// `cbt-agent release`: detaches what the agent pinned (it must not be
+    /// running); the next start is a new capture.
+    pub fn release(&self) {
+        if let Err(e) = self.try_release() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_release(&self) -> Result<(), String> {
+        let out = Command::new(agent_bin())
+            .args(["release", "--pin-root", PIN_ROOT, "--state-dir"])
+            .arg(&self.state_dir)
+            .output()
+            .map_err(|e| format!("running cbt-agent release: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("cbt-agent release failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(())
+    }
+
     /// Starts it again on the same state dir and waits until ready.
     pub fn restart(&mut self) {
         self.spawn();
@@ -443,6 +469,10 @@ impl Drop for Agent {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+        // Its programs stay attached otherwise, costing every later test.
+        if let Err(e) = self.try_release() {
+            eprintln!("{e}");
         }
         if std::thread::panicking() {
             eprintln!("{}", self.log_tail(80));
