@@ -197,6 +197,12 @@ pub fn instance_of(dev: u32) -> Option<Disk> {
     Disk::by_name(real.file_name()?.to_str()?).ok()
 }
 
+/// This boot's id: `CLOCK_MONOTONIC` readings and `diskseq` values only
+/// compare within one boot.
+pub fn boot_id() -> std::io::Result<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,10 +229,4 @@ mod tests {
         assert_eq!((k.major(), k.minor()), (7, 3));
         assert_eq!(k.to_string(), "7:3#9");
     }
-}
-
-/// This boot's id: `CLOCK_MONOTONIC` readings and `diskseq` values only
-/// compare within one boot.
-pub fn boot_id() -> std::io::Result<String> {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string())
 }

@@ -33,7 +33,7 @@ struct Cli {
 enum Command {
     /// Capture block-device changes and serve the CSI SnapshotMetadata and
     /// admin APIs until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach the programs an agent left pinned (when uninstalling it; the
     /// next agent on this state directory then starts with a gap). Refused
     /// while an agent runs on the state directory.
@@ -121,7 +121,7 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(run(args))
+            runtime.block_on(run(*args))
         }
         Command::Release(args) => release(args),
     }

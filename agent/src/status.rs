@@ -15,6 +15,8 @@ pub struct Status {
     pub granularity: u64,
     pub kernel_ring_bytes: u64,
     pub started_monotonic_ns: u64,
+    /// Where the capture is pinned (it outlives the agent), if it is.
+    pub pinned_in: Option<std::path::PathBuf>,
     pub loss: LossCounters,
     pub programs: HashMap<&'static str, ProgramStats>,
     pub gaps: Vec<Gap>,
@@ -82,6 +84,7 @@ impl Status {
             granularity,
             kernel_ring_bytes: tracker.kernel_ring_bytes(),
             started_monotonic_ns: tracker.started_ns(),
+            pinned_in: tracker.pins().map(|p| p.path().to_path_buf()),
             loss: tracker.loss().clone(),
             programs: tracker.program_stats().clone(),
             gaps: changes.gaps().to_vec(),

@@ -238,6 +238,10 @@ impl Tracker {
         &self.loss
     }
 
+    pub fn pins(&self) -> Option<&crate::capture::PinDir> {
+        self.capture.pins()
+    }
+
     pub fn kernel_ring_bytes(&self) -> u64 {
         self.capture.kernel_ring_bytes()
     }

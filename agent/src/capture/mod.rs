@@ -375,7 +375,8 @@ impl Capture {
             )));
         }
         let ring_count = Rings::elements(prepared.nr_cpus);
-        if info.max_entries() != ring_count || checkpoint.tails.len() != ring_count as usize {
+        let per_ring = [checkpoint.tails.len(), checkpoint.dropped.len()];
+        if info.max_entries() != ring_count || per_ring != [ring_count as usize; 2] {
             return Err(refuse(format!("pinned rings hold {} rings, expected {ring_count}", info.max_entries())));
         }
         let mut programs = Vec::new();

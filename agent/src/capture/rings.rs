@@ -130,12 +130,11 @@ impl Rings {
         let mut report = ReplayReport::default();
         let start = out.len();
         let mut copied = Vec::with_capacity(self.count);
-        for i in 0..self.count {
+        for (i, &from) in tails.iter().enumerate().take(self.count) {
             let ring = self.ring(i);
             // SAFETY: as in `drain`; only slots are read, nothing is written.
             unsafe {
                 let tail = AtomicU64::from_ptr(&raw mut (*ring).consumer.tail).load(Ordering::Acquire);
-                let from = tails[i];
                 if from > tail || tail - from > RING_SLOTS as u64 {
                     copied.push(None);
                     continue;
