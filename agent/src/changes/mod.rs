@@ -159,9 +159,12 @@ pub struct ChangeSets {
     gaps_taken: usize,
     /// The capture reports request completions.
     completions: bool,
-    /// Devices first seen after the first discovery appeared after capture
-    /// began: none of their writes can predate it.
-    discovered_once: bool,
+    /// The highest `diskseq` of the disks present at the first discovery.
+    /// `diskseq` only grows within a boot, so an instance above it was
+    /// created after capture began: none of its writes can predate it. One
+    /// at or below it (a disk hidden from /sys/block, such as an NVMe
+    /// multipath leg, first seen later) may have older writes in flight.
+    diskseq_at_attach: Option<u64>,
     /// Classic hooks report only `dev`: its current instance as last
     /// resolved, and the start of the batch that resolved it.
     classic_instances: HashMap<u32, (DeviceKey, u64)>,
@@ -185,7 +188,7 @@ impl ChangeSets {
             gaps: Vec::new(),
             gaps_taken: 0,
             completions: false,
-            discovered_once: false,
+            diskseq_at_attach: None,
             classic_instances: HashMap::new(),
         })
     }
@@ -280,9 +283,9 @@ impl ChangeSets {
                 d.carried = d.in_flight.chunks(shift);
             }
         }
-        // Every device present at the checkpoint is in it: any other one
-        // appeared later, while capture ran.
-        self.discovered_once = true;
+        // Every device present at the checkpoint is in it: any later one
+        // appeared while capture ran.
+        self.diskseq_at_attach = devices.iter().map(|c| c.diskseq).max().or(Some(0));
         Ok(())
     }
 
@@ -293,7 +296,7 @@ impl ChangeSets {
     }
 
     fn entry(&mut self, key: DeviceKey, now_ns: u64) -> &mut DeviceChanges {
-        let born_after_capture = self.discovered_once;
+        let born_after_capture = self.diskseq_at_attach.is_some_and(|floor| key.diskseq > floor);
         self.devices.entry(key).or_insert_with(|| DeviceChanges {
             first_seen_ns: now_ns,
             proven_ns: born_after_capture.then_some(now_ns),
@@ -314,7 +317,9 @@ impl ChangeSets {
                 d.witness.baseline = disk.counters();
             }
         }
-        self.discovered_once = true;
+        if self.diskseq_at_attach.is_none() {
+            self.diskseq_at_attach = Some(disks.iter().map(|d| d.key.diskseq).max().unwrap_or(0));
+        }
     }
 
     /// Applies one drain's events, all submitted within `[from_ns, to_ns]`
@@ -536,6 +541,22 @@ mod tests {
 
     fn key() -> DeviceKey {
         DeviceKey { dev: DEV, diskseq: SEQ }
+    }
+
+    #[test]
+    fn only_instances_created_after_attach_are_covered_from_their_first_write() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        let present = Disk { name: "present".into(), key: key() };
+        cs.discover(&[present], 1);
+        let at = |seq: u64| CaptureEvent { diskseq: seq, ..ev(EventKind::Write, 0, 8) };
+        // A disk hidden from /sys/block that existed at attach (lower
+        // diskseq), and one created since (higher).
+        cs.apply(&[at(SEQ - 3), at(SEQ + 1)], 10, 20);
+        let hidden = cs.device(&DeviceKey { dev: DEV, diskseq: SEQ - 3 }).unwrap();
+        assert_eq!(hidden.proven_ns, None, "a write from before attach may still land on it");
+        let created = cs.device(&DeviceKey { dev: DEV, diskseq: SEQ + 1 }).unwrap();
+        assert_eq!(created.proven_ns, Some(20));
+        assert_eq!(cs.device(&key()).unwrap().proven_ns, None, "present at attach: proven only when seen still");
     }
 
     #[test]
