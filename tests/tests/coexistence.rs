@@ -55,7 +55,7 @@ fn attach_and_detach_of_other_programs_loses_nothing() {
     drop(harness.settled());
     let accounting = harness.accounting(key);
     let (captured, kernel, gaps) = (accounting.captured_sectors, accounting.kernel_sectors(), accounting.gaps);
-    eprintln!("coexistence: {cycles} attach/detach cycles; fio {fio_sectors} sectors, kernel {kernel}, captured {captured}");
+    eprintln!("coexistence: {cycles} attach/detach cycles; fio {fio_sectors} sectors, kernel {kernel}, captured {captured}; loss {:?}; gaps {gaps:?}", accounting.loss);
     assert_eq!(captured, kernel, "captured vs kernel-completed sectors");
     assert_eq!(captured, fio_sectors, "captured vs fio's bytes written");
     assert!(gaps.is_empty(), "{gaps:#?}");
