@@ -25,6 +25,7 @@ use cbt_agent::{
 pub use roaring::RoaringTreemap;
 
 pub mod accuracy;
+pub mod interop;
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod interop;
 mod setup;
 
 use std::{
@@ -31,6 +32,9 @@ enum Cmd {
     /// Track a loop device, snapshot it, change blocks, snapshot again, list
     /// the delta over the CSI socket and restore incrementally from it.
     Demo,
+    /// Build the real upstream peers of the interoperability tests (Go):
+    /// sidecar, lister, verifier, csi-sanity, kube-apiserver, kubectl, etcd.
+    InteropPeers,
     /// Run every test: unit tests and the privileged ones on real devices.
     Test {
         /// Only run tests whose name contains this.
@@ -57,6 +61,7 @@ fn main() -> Result<()> {
             build_release()?;
             demo::run()
         }
+        Cmd::InteropPeers => interop::build_peers(),
         Cmd::Test { filter } => test(filter),
         Cmd::Bench(b) => {
             setup::all()?;
@@ -127,6 +132,9 @@ fn test(filter: Option<String>) -> Result<()> {
     setup::all()?;
     // The accuracy tests drive the release binaries (agent and cbtctl).
     build_release().context("building the release binaries the accuracy tests run")?;
+    // The interoperability tests run the real upstream peers (sidecar,
+    // lister, verifier, csi-sanity, kube-apiserver, etcd), built from Go.
+    interop::build_peers()?;
     let filter: Vec<String> = filter.into_iter().collect();
     // Unit tests of every crate, then the privileged suite. Two threads:
     // the suite's tests each make their own devices and tracker.
@@ -140,7 +148,7 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     let mut suite = cargo(None);
     suite.current_dir(root()).args(["test", "--release", "-p", "cbt-tests"]).args(&filter).args(["--", "--test-threads=2"]);
-    for (var, path) in [("CBT_AGENT_BIN", agent_binary()), ("CBTCTL_BIN", cbtctl_binary())] {
+    for (var, path) in [("CBT_AGENT_BIN", agent_binary()), ("CBTCTL_BIN", cbtctl_binary()), ("CBT_INTEROP_BIN_DIR", interop::peers_dir())] {
         if std::env::var_os(var).is_none() {
             suite.env(var, path);
         }

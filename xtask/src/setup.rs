@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mkfs.btrfs", "btrfs-progs"),
     ("filefrag", "e2fsprogs"),
     ("bpftool", "bpftool"),
+    // The interoperability tests make the sidecar's TLS certificates.
+    ("openssl", "openssl"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";

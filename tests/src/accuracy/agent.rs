@@ -211,12 +211,21 @@ pub struct AgentOptions {
     pub check_interval: String,
     pub poll_interval: String,
     pub granularity: u64,
+    /// `--driver-name` (what GetPluginInfo answers).
+    pub driver_name: String,
     pub extra: Vec<String>,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        Self { segment_interval: None, check_interval: "200ms".into(), poll_interval: "2ms".into(), granularity: 4096, extra: Vec::new() }
+        Self {
+            segment_interval: None,
+            check_interval: "200ms".into(),
+            poll_interval: "2ms".into(),
+            granularity: 4096,
+            driver_name: "accuracy.cbt.example.com".into(),
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -253,7 +262,7 @@ impl Agent {
             admin_socket: dir.join("admin.sock"),
             status_file: dir.join("status.json"),
             log_path: dir.join("agent.log"),
-            driver_name: "accuracy.cbt.example.com".into(),
+            driver_name: options.driver_name.clone(),
             state_dir,
             dir,
             volumes: volumes.iter().map(|v| (v.name.clone(), v.dev.clone())).collect(),

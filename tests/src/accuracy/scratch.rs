@@ -55,13 +55,13 @@ fn try_sh(cmdline: &str) -> bool {
 }
 
 /// Attaches a loop device (`losetup -f --show OPTIONS FILE`).
-fn attach_loop(file: &Path, options: &str) -> String {
+pub fn attach_loop(file: &Path, options: &str) -> String {
     let _allocating = LOOP_ALLOCATION.lock().unwrap_or_else(|e| e.into_inner());
     sh(&format!("losetup -f --show {options} {}", file.display())).trim().to_string()
 }
 
 /// Detaches a loop device, retrying while it is briefly busy.
-fn detach_loop(dev: &str) {
+pub fn detach_loop(dev: &str) {
     for _ in 0..50 {
         if try_sh(&format!("losetup -d {dev}")) {
             return;
