@@ -98,11 +98,13 @@ impl Admin for AdminService {
     ) -> Result<Response<BeginSnapshotResponse>, Status> {
         let volume = request.into_inner().volume;
         self.volumes.locate(&volume).map_err(volume_status)?;
+        // Seal first, then open the window: the writes sealed here end
+        // their segment before `lo`, so they stay out of deltas from this
+        // snapshot (those still in flight are carried past it). The backend
+        // cuts after this returns, so `lo` may be as late as now.
+        self.recorder.seal().await.map_err(recorder_status)?;
         let name = volume.clone();
         let cut_id = self.on_log(move |log| log.begin_cut(&name)).await?;
-        // Not needed for correctness (the window starts before this seal),
-        // but it keeps writes from before the window out of the delta.
-        self.recorder.seal().await.map_err(recorder_status)?;
         tracing::info!(volume, cut_id, "snapshot cut window opened");
         Ok(Response::new(BeginSnapshotResponse { cut_id }))
     }
