@@ -319,11 +319,15 @@ impl ChangeLog {
         if !resumed {
             self.last_cut = self.stamp(capture_started);
         }
+        // `started` is where the run's coverage in the log begins: a later
+        // restart without take-over gaps from there. Taken over, that is
+        // the checkpoint's cut, not now: what was re-read from the rings is
+        // only in memory until the next seal.
         self.append(&Record::Run {
             boot_id: self.boot_id.clone(),
             boot: self.boot,
             base: self.base,
-            started: now,
+            started: if resumed { self.last_cut } else { now },
             granularity: self.granularity,
             pid: std::process::id(),
         })?;

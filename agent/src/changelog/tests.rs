@@ -399,3 +399,22 @@ fn no_checkpoint_is_offered_after_damage() {
     assert!(report.damage.is_some(), "{report:?}");
     assert!(log.checkpoint().is_none(), "records after damage may be lost: no take-over");
 }
+
+#[test]
+fn a_run_killed_before_its_first_seal_gaps_from_the_checkpoint_it_took_over() {
+    let mut f = Fixture::new();
+    f.checkpoint = Some(sample_checkpoint());
+    f.seal(&[1]);
+    let checkpoint_cut = f.log.stamp(f.log.checkpoint().unwrap().cut_ns);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    // Taken over, then killed before sealing what it re-read; the next
+    // agent cannot take over (a new capture).
+    f.resume();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    f.reopen();
+    let downtime = f.log.gaps().iter().rev().find(|g| g.instance.is_none()).unwrap();
+    assert!(
+        downtime.from <= checkpoint_cut,
+        "the gap must reach back to the checkpoint's cut ({checkpoint_cut}), not the resumed run's start: {downtime:?}"
+    );
+}
