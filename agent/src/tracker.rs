@@ -7,7 +7,9 @@ use cbt_common::{programs, CaptureEvent, EventKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    capture::{Capture, CaptureCheckpoint, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramStats},
+    capture::{
+        Capture, CaptureCheckpoint, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramStats, ReplayReport,
+    },
     changes::{ChangeSetError, ChangeSets, DeviceCheckpoint, Gap, GapScope, TakenChanges},
     devices::{self, Disk},
 };
@@ -140,9 +142,8 @@ impl Tracker {
         options: &TrackerOptions,
         checkpoint: Option<&Checkpoint>,
     ) -> Result<(Self, Continuity), TrackerError> {
-        let mut changes = ChangeSets::new(options.granularity)?;
         let mut replayed = Vec::new();
-        let resumed = match checkpoint {
+        let attempt = match checkpoint {
             None => Err(None),
             Some(c) if devices::boot_id().ok().as_deref() != Some(c.boot_id.as_str()) => {
                 Err(Some("the checkpoint is from another boot".to_string()))
@@ -152,63 +153,20 @@ impl Tracker {
                 Err(refused) => Err(Some(refused.to_string())),
             },
         };
-        let (capture, continuity) = match resumed {
+        let (mut tracker, continuity) = match attempt {
             Ok((capture, report, c)) => {
-                changes = changes.with_completions(capture.tracks_completions());
-                changes.restore(&c.devices, monotonic_ns()).map_err(TrackerError::Checkpoint)?;
-                let now = monotonic_ns();
-                changes.apply(&replayed, c.cut_ns, now);
-                if report.dropped > 0 {
-                    changes.record_gap(
-                        GapScope::AllDevices,
-                        c.cut_ns,
-                        now,
-                        format!("event ring overflow while no agent ran: {} events dropped", report.dropped),
-                    );
-                }
-                (capture, (Continuity::Resumed { from_ns: c.cut_ns }, Some((c, report))))
+                let mut tracker = Self::with_capture(capture, options.granularity)?;
+                tracker.go_on_from(c, &replayed, &report)?;
+                (tracker, Continuity::Resumed { from_ns: c.cut_ns })
             }
             Err(why) => {
                 if let Some(why) = &why {
                     tracing::warn!(%why, "cannot take over the pinned capture: starting a new one");
                 }
-                let capture = Capture::start(&options.capture)?;
-                changes = changes.with_completions(capture.tracks_completions());
-                (capture, (Continuity::Fresh { why }, None))
+                (Self::with_capture(Capture::start(&options.capture)?, options.granularity)?, Continuity::Fresh { why })
             }
         };
-        let now = monotonic_ns();
-        changes.discover(&Disk::all(), now);
-        let mut tracker = Self {
-            capture,
-            changes,
-            buf: Vec::with_capacity(1 << 14),
-            last_drain_ns: now,
-            last_drain_end_ns: now,
-            last_check_ns: now,
-            started_ns: now,
-            stats: HashMap::new(),
-            loss: LossCounters::default(),
-        };
-        let (continuity, resumed) = continuity;
-        if let Some((c, report)) = resumed {
-            tracker.loss.events += report.events;
-            tracker.loss.dropped_events += report.dropped;
-            tracker.loss.completions_lost += report.completions_lost;
-            // Counted from the checkpoint's values: misses while no agent
-            // ran are gaps from its cut.
-            tracker.stats = tracker
-                .capture
-                .program_stats()?
-                .into_iter()
-                .map(|(name, now)| {
-                    let accounted = c.capture.recursion_misses.get(name).copied().unwrap_or(0);
-                    (name, ProgramStats { recursion_misses: accounted, ..now })
-                })
-                .collect();
-            tracker.loss.unpublishable = c.capture.unpublishable;
-            tracker.last_check_ns = c.cut_ns;
-        }
+        tracker.changes.discover(&Disk::all(), monotonic_ns());
         // A new capture's counters start at zero: no baseline read, so a
         // miss between attach and a first read is counted at the first
         // check instead of being absorbed.
@@ -220,6 +178,54 @@ impl Tracker {
         }
         tracker.check()?;
         Ok((tracker, continuity))
+    }
+
+    fn with_capture(capture: Capture, granularity: u64) -> Result<Self, TrackerError> {
+        let changes = ChangeSets::new(granularity)?.with_completions(capture.tracks_completions());
+        let now = monotonic_ns();
+        Ok(Self {
+            capture,
+            changes,
+            buf: Vec::with_capacity(1 << 14),
+            last_drain_ns: now,
+            last_drain_end_ns: now,
+            last_check_ns: now,
+            started_ns: now,
+            stats: HashMap::new(),
+            loss: LossCounters::default(),
+        })
+    }
+
+    /// Taken over at checkpoint `c`: its devices' state, the events
+    /// re-read since, and every loss since its cut as a gap from there
+    /// (the counters start from the checkpoint's accounted values).
+    fn go_on_from(&mut self, c: &Checkpoint, replayed: &[CaptureEvent], report: &ReplayReport) -> Result<(), TrackerError> {
+        let now = monotonic_ns();
+        self.changes.restore(&c.devices, now).map_err(TrackerError::Checkpoint)?;
+        self.changes.apply(replayed, c.cut_ns, now);
+        if report.dropped > 0 {
+            self.changes.record_gap(
+                GapScope::AllDevices,
+                c.cut_ns,
+                now,
+                format!("event ring overflow while no agent ran: {} events dropped", report.dropped),
+            );
+        }
+        self.loss.events += report.events;
+        self.loss.dropped_events += report.dropped;
+        self.loss.completions_lost += report.completions_lost;
+        self.stats = self
+            .capture
+            .program_stats()?
+            .into_iter()
+            .map(|(name, now)| {
+                let accounted = c.capture.recursion_misses.get(name).copied().unwrap_or(0);
+                (name, ProgramStats { recursion_misses: accounted, ..now })
+            })
+            .collect();
+        self.loss.unpublishable = c.capture.unpublishable;
+        self.last_check_ns = c.cut_ns;
+        Ok(())
     }
 
     pub fn flavor(&self) -> Flavor {
