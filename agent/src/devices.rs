@@ -64,6 +64,10 @@ pub struct KernelCounters {
     /// Writes (and discards) in flight; all I/O if the kernel does not
     /// tell them apart.
     pub in_flight: u64,
+    /// The device holds I/O where none of these counters sees it (a
+    /// suspended device-mapper device queues bios before accounting them):
+    /// "nothing in flight" proves nothing.
+    pub holds_io: bool,
 }
 
 impl KernelCounters {
@@ -167,6 +171,7 @@ impl Disk {
         if let Some(writes) = read(sys_block(&self.name).join("inflight")).ok().and_then(|s| parse_inflight_writes(&s)) {
             counters.in_flight = writes;
         }
+        counters.holds_io = read(sys_block(&self.name).join("dm/suspended")).is_ok_and(|s| s.trim() != "0");
         // Re-check: the device may have been replaced between the reads.
         (Self::by_name(&self.name).ok()?.key == self.key).then_some(counters)
     }
@@ -179,6 +184,7 @@ pub fn parse_stat(stat: &str) -> Option<KernelCounters> {
         write_sectors: *fields.get(6)?,
         in_flight: *fields.get(8)?,
         discard_sectors: fields.get(13).copied().unwrap_or(0),
+        holds_io: false,
     })
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cbt_common::{programs, CaptureEvent, EventKind};
+use cbt_common::{CaptureEvent, EventKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -363,7 +363,7 @@ impl Tracker {
                     .after_marks
                     .iter()
                     .flat_map(|range| &self.buf[range.clone()])
-                    .filter(|e| e.dev == key.dev && e.kind != EventKind::Completed as u32)
+                    .filter(|e| e.dev == key.dev && !matches!(EventKind::from_u32(e.kind), Some(EventKind::Completed | EventKind::BioCompleted)))
                     .map(|e| e.nr_sectors as u64)
                     .sum();
                 (key, counters, after)
@@ -388,7 +388,7 @@ impl Tracker {
             let before = self.stats.insert(name, stats).unwrap_or_default();
             let missed = stats.recursion_misses.saturating_sub(before.recursion_misses);
             // A skipped completion only leaves a write counted in flight.
-            if missed > 0 && name == programs::RQ_COMPLETE_BTF {
+            if missed > 0 && crate::capture::is_completion_program(name) {
                 self.loss.completions_lost += missed;
             } else if missed > 0 {
                 *self.loss.recursion_misses.entry(name).or_default() += missed;

@@ -26,6 +26,7 @@ pub mod programs {
     pub const BIO_QUEUE_CLASSIC: &str = "bio_queue_classic";
     pub const RQ_ISSUE_CLASSIC: &str = "rq_issue_classic";
     pub const RQ_COMPLETE_BTF: &str = "rq_complete_btf";
+    pub const BIO_COMPLETE_BTF: &str = "bio_complete_btf";
 }
 
 /// What a captured event says happened to its sector range.
@@ -45,11 +46,16 @@ pub enum EventKind {
     /// the device's content may have changed anywhere → a tracking gap.
     Unclassified = 6,
     /// Not a change: a write, write-zeroes or (on queues that merge
-    /// discards only contiguously) discard request finished (`sector`,
-    /// `nr_sectors`) of what it covers; `raw_op` has the op's kind (and
-    /// [`COMPLETION_PARTIAL`]). Lets the agent
-    /// know which writes are no longer in flight.
+    /// discards only contiguously) discard request finished sectors
+    /// `[sector, sector + nr_sectors)`, wholly or in part; `raw_op` has the
+    /// op's kind. Lets the agent know which sectors are no longer in flight.
     Completed = 7,
+    /// Not a change: a bio finished on a bio-based device (device-mapper,
+    /// md): the kernel reports `block_bio_complete` only for bios that never
+    /// became requests. `cookie` is the bio's address, as it was in the
+    /// bio's submission event; `sector`/`nr_sectors` are meaningless (the
+    /// bio's iterator has been advanced by then).
+    BioCompleted = 8,
 }
 
 impl EventKind {
@@ -62,6 +68,7 @@ impl EventKind {
             5 => Self::ZoneAppend,
             6 => Self::Unclassified,
             7 => Self::Completed,
+            8 => Self::BioCompleted,
             _ => return None,
         })
     }
@@ -76,9 +83,8 @@ pub struct CaptureEvent {
     /// Per-boot device instance number of the whole disk (`diskseq`);
     /// 0 when the hook cannot see it (classic tracepoints).
     pub diskseq: u64,
-    /// The bio's (or request's) address; 0 when the hook has none. Not read
-    /// yet: it is what will pair a submission with its completion once
-    /// completions are hooked (see docs/capture.md).
+    /// The bio's (or request's) address; 0 when the hook has none. Pairs a
+    /// bio-based device's submission with its [`EventKind::BioCompleted`].
     pub cookie: u64,
     /// Whole-disk device number in the kernel's internal encoding
     /// (`major << 20 | minor`).
@@ -137,14 +143,31 @@ pub enum RingSet {
     /// Request completions: only precision depends on them, so their loss
     /// is never a gap.
     Complete = 2,
+    /// Bio completions of bio-based devices: as [`RingSet::Complete`].
+    BioComplete = 3,
+}
+
+impl RingSet {
+    /// Completions: drained only up to positions read before the
+    /// submissions are drained, so that none is applied before its
+    /// submission; their loss costs precision, never coverage.
+    pub const fn is_completion(self) -> bool {
+        matches!(self, Self::Complete | Self::BioComplete)
+    }
+
+    pub const fn from_index(set: u32) -> Option<Self> {
+        Some(match set {
+            0 => Self::Bio,
+            1 => Self::Request,
+            2 => Self::Complete,
+            3 => Self::BioComplete,
+            _ => return None,
+        })
+    }
 }
 
 /// Number of ring families, see [`RingSet`].
-pub const RING_SETS: u32 = 3;
-
-/// In a [`EventKind::Completed`] event's `raw_op`: the request completed
-/// only part of what remained of it.
-pub const COMPLETION_PARTIAL: u32 = 1 << 31;
+pub const RING_SETS: u32 = 4;
 
 /// Load-time configuration of the programs, written once into their
 /// read-only data. The verifier treats frozen read-only data as constants, so
@@ -168,7 +191,6 @@ pub struct ProgramConfig {
     pub rq_q: u32,
     pub queue_disk: u32,
     pub rq_sector: u32,
-    pub rq_data_len: u32,
     /// `request_queue.limits.max_discard_segments` (u16).
     pub queue_max_discard_segments: u32,
     /// Classic tracepoint record offsets (from tracefs `format` files).
@@ -200,7 +222,6 @@ impl ProgramConfig {
         rq_q: 0,
         queue_disk: 0,
         rq_sector: 0,
-        rq_data_len: 0,
         queue_max_discard_segments: 0,
         tp_bio_dev: 0,
         tp_bio_sector: 0,

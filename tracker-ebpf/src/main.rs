@@ -28,7 +28,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::{error, warn};
-use cbt_common::{CpuRing, EventKind, ProgramConfig, RingSet, COMPLETION_PARTIAL, RING_SLOTS};
+use cbt_common::{CpuRing, EventKind, ProgramConfig, RingSet, RING_SLOTS};
 
 /// Filled in by the agent before load (frozen `.rodata`).
 #[no_mangle]
@@ -45,12 +45,14 @@ static UNPUBLISHABLE: Array<u64> = Array::with_max_entries(1, 0);
 fn config() -> &'static ProgramConfig {
     // The volatile read keeps the compiler from folding the placeholder
     // values; the verifier then sees the loaded bytes as constants.
+    // SAFETY: CONFIG is a static that lives as long as the program.
     unsafe { &*read_volatile(&(&CONFIG as *const ProgramConfig)) }
 }
 
 #[inline(always)]
 fn op_kind(op: u32) -> u32 {
     let table = &config().op_kind;
+    // SAFETY: `op & 0xff` < 256 = the table's length.
     unsafe { read_volatile(table.as_ptr().add((op & 0xff) as usize)) as u32 }
 }
 
@@ -59,6 +61,8 @@ fn op_kind(op: u32) -> u32 {
 /// kernel's BTF and turns the load into a fault-safe one.
 #[inline(always)]
 unsafe fn field<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: the caller passes a BTF-typed kernel pointer and an offset
+    // from the kernel's BTF; the verifier makes the load fault-safe.
     unsafe { read_volatile(base.add(offset as usize) as *const T) }
 }
 
@@ -76,10 +80,12 @@ fn publish<C: EbpfContext>(
     raw_op: u32,
 ) {
     let cfg = config();
+    // SAFETY: a helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(ring) = RINGS.get_ptr_mut(set as u32 * cfg.nr_cpus + cpu) else {
         // No ring to count the loss in: count it where the agent still looks.
         if let Some(count) = UNPUBLISHABLE.get_ptr_mut(0) {
+            // SAFETY: a valid map value pointer; the add is atomic.
             unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(count, 1) };
         }
         return;
@@ -118,6 +124,7 @@ fn publish<C: EbpfContext>(
 #[inline(always)]
 unsafe fn disk_identity(disk: *const u8) -> (u32, u64) {
     let cfg = config();
+    // SAFETY: `disk` is a BTF-typed gendisk pointer (see `field`).
     unsafe {
         let major: u32 = field(disk, cfg.disk_major);
         let first_minor: u32 = field(disk, cfg.disk_first_minor);
@@ -129,6 +136,8 @@ unsafe fn disk_identity(disk: *const u8) -> (u32, u64) {
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn bio_queue_btf(ctx: BtfTracePointContext) -> u32 {
     let cfg = config();
+    // SAFETY: the tracepoint's argument is the bio; fields are read at
+    // BTF-checked offsets.
     unsafe {
         let bio: *const u8 = ctx.arg(0);
         let opf: u32 = field(bio, cfg.bio_opf);
@@ -150,6 +159,8 @@ pub fn bio_queue_btf(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn rq_issue_btf(ctx: BtfTracePointContext) -> u32 {
     let cfg = config();
+    // SAFETY: the tracepoint's argument is the request; fields are read at
+    // BTF-checked offsets.
     unsafe {
         let rq: *const u8 = ctx.arg(0);
         let opf: u32 = field(rq, cfg.rq_cmd_flags);
@@ -169,13 +180,19 @@ pub fn rq_issue_btf(ctx: BtfTracePointContext) -> u32 {
 }
 
 /// Completions of write and write-zeroes requests, and of discards where
-/// the queue merges them only contiguously: what is no longer in flight.
-/// Their ranges are contiguous (multi-range discards are left out: they
-/// stay "in flight" until the device is seen idle). Only precision depends
-/// on this hook.
+/// the queue merges them only contiguously: which sectors are no longer in
+/// flight. Every sector a request holds came from exactly one submitted bio
+/// (requests merge bios and bios split into requests, but a sector is never
+/// in two), and every completion, partial or whole, reports each sector
+/// once: so the agent counts sectors, and splits, merges and partial
+/// completions need no special case. Multi-range discards are left out
+/// (their sectors are not contiguous): they stay "in flight" until the
+/// device is proven settled. Only precision depends on this hook.
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn rq_complete_btf(ctx: BtfTracePointContext) -> u32 {
     let cfg = config();
+    // SAFETY: tp_btf arguments are the tracepoint's (request, error,
+    // nr_bytes); the request fields are read at BTF-checked offsets.
     unsafe {
         let rq: *const u8 = ctx.arg(0);
         let nr_bytes: u32 = ctx.arg(2);
@@ -194,10 +211,36 @@ pub fn rq_complete_btf(ctx: BtfTracePointContext) -> u32 {
             return 0;
         }
         let (dev, diskseq) = disk_identity(disk);
-        let remaining: u32 = field(rq, cfg.rq_data_len);
-        let partial = if nr_bytes < remaining { COMPLETION_PARTIAL } else { 0 };
         let sector: u64 = field(rq, cfg.rq_sector);
-        publish(&ctx, RingSet::Complete, EventKind::Completed as u32, dev, diskseq, sector, nr_bytes >> 9, rq as u64, kind | partial);
+        publish(&ctx, RingSet::Complete, EventKind::Completed as u32, dev, diskseq, sector, nr_bytes >> 9, rq as u64, kind);
+    }
+    0
+}
+
+/// Bio completions. The kernel reports them only for bios that were
+/// traced at submission and never became requests (a request's completion
+/// is reported by `block_rq_complete` instead): the bios of bio-based
+/// devices such as device-mapper and md, and bios failed before a request
+/// existed. The agent pairs each with its submission by the bio's address.
+#[btf_tracepoint(function = "block_bio_complete")]
+pub fn bio_complete_btf(ctx: BtfTracePointContext) -> u32 {
+    let cfg = config();
+    // SAFETY: tp_btf arguments are the tracepoint's (request_queue, bio);
+    // the bio fields are read at BTF-checked offsets.
+    unsafe {
+        let bio: *const u8 = ctx.arg(1);
+        let opf: u32 = field(bio, cfg.bio_opf);
+        let kind = op_kind(opf);
+        if kind == 0 || kind == EventKind::Unclassified as u32 {
+            return 0;
+        }
+        let bdev: *const u8 = field(bio, cfg.bio_bdev);
+        if bdev.is_null() {
+            return 0;
+        }
+        let disk: *const u8 = field(bdev, cfg.bdev_disk);
+        let (dev, diskseq) = disk_identity(disk);
+        publish(&ctx, RingSet::BioComplete, EventKind::BioCompleted as u32, dev, diskseq, 0, 0, bio as u64, kind);
     }
     0
 }
@@ -220,6 +263,7 @@ fn classify_rwbs(rwbs: [u8; 4], nr_sectors: u32) -> u32 {
 
 #[inline(always)]
 unsafe fn tp_read<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    // SAFETY: a bounds-checked probe read of the tracepoint record.
     unsafe { ctx.read_at::<T>(offset as usize).ok() }
 }
 
@@ -228,6 +272,7 @@ unsafe fn tp_read<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
 #[tracepoint(category = "block", name = "block_bio_queue")]
 pub fn bio_queue_classic(ctx: TracePointContext) -> u32 {
     let cfg = config();
+    // SAFETY: record reads at offsets from tracefs, each checked.
     unsafe {
         let (Some(dev), Some(sector), Some(nr), Some(rwbs)) = (
             tp_read::<u32>(&ctx, cfg.tp_bio_dev),
@@ -251,6 +296,7 @@ pub fn bio_queue_classic(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "block", name = "block_rq_issue")]
 pub fn rq_issue_classic(ctx: TracePointContext) -> u32 {
     let cfg = config();
+    // SAFETY: record reads at offsets from tracefs, each checked.
     unsafe {
         let (Some(dev), Some(nr), Some(rwbs)) = (
             tp_read::<u32>(&ctx, cfg.tp_rq_dev),

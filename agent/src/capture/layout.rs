@@ -49,7 +49,6 @@ pub fn fill_btf(cfg: &mut ProgramConfig, btf: &Btf) -> Result<(), CaptureError> 
     cfg.rq_q = btf.offset_of("request", "q", 8)?;
     cfg.queue_disk = btf.offset_of("request_queue", "disk", 8)?;
     cfg.rq_sector = btf.offset_of("request", "__sector", 8)?;
-    cfg.rq_data_len = btf.offset_of("request", "__data_len", 4)?;
     cfg.queue_max_discard_segments = btf.offset_of("request_queue", "limits.max_discard_segments", 2)?;
     Ok(())
 }

@@ -160,17 +160,24 @@ fn program_list(flavor: Flavor, completions: bool) -> Vec<(&'static str, &'stati
         // nothing that changes content is unobserved.
         Flavor::Btf => [
             (programs::RQ_COMPLETE_BTF, "block_rq_complete"),
+            (programs::BIO_COMPLETE_BTF, "block_bio_complete"),
             (programs::RQ_ISSUE_BTF, "block_rq_issue"),
             (programs::BIO_QUEUE_BTF, "block_bio_queue"),
         ]
         .into_iter()
-        .filter(|(n, _)| completions || *n != programs::RQ_COMPLETE_BTF)
+        .filter(|(n, _)| completions || !is_completion_program(n))
         .collect(),
         Flavor::Classic => vec![
             (programs::RQ_ISSUE_CLASSIC, "block_rq_issue"),
             (programs::BIO_QUEUE_CLASSIC, "block_bio_queue"),
         ],
     }
+}
+
+/// A program that reports completions: its lost runs cost precision (a
+/// write stays counted in flight), never coverage.
+pub fn is_completion_program(name: &str) -> bool {
+    name == programs::RQ_COMPLETE_BTF || name == programs::BIO_COMPLETE_BTF
 }
 
 /// The programs' load-time configuration for this kernel, and whether each

@@ -189,7 +189,7 @@ impl Rings {
     }
 
     fn is_completion_ring(&self, i: usize) -> bool {
-        i as u32 / (self.count as u32 / RING_SETS) == RingSet::Complete as u32
+        RingSet::from_index(i as u32 / (self.count as u32 / RING_SETS)).is_some_and(RingSet::is_completion)
     }
 
     /// Copies every published event into `out` and frees the slots.
@@ -198,52 +198,90 @@ impl Rings {
     /// included: the program's publish is the last thing it does. With
     /// `marks` (from [`Rings::marks`]), the report says which of the copied
     /// events were published after the marks.
+    ///
+    /// Completion rings are read only up to their positions taken BEFORE
+    /// any submission ring is read: a completion published by then belongs
+    /// to a write whose submission was published earlier still, so it is in
+    /// this drain or an earlier one. Without that order, a completion
+    /// published while the submission rings were being read could be
+    /// applied before its own submission and count down another write.
+    /// Submissions always come first in `out`.
     pub fn drain(&mut self, out: &mut Vec<CaptureEvent>, marks: Option<&[u64]>) -> DrainReport {
         let mut report = DrainReport::default();
-        for i in 0..self.count {
-            let ring = self.ring(i);
-            // SAFETY: fields of a live mapping; head is only written by the
-            // kernel (atomically), tail only by us.
-            unsafe {
-                let head = AtomicU64::from_ptr(&raw mut (*ring).producer.head).load(Ordering::Acquire);
-                let tail_ptr = &raw mut (*ring).consumer.tail;
-                let tail = AtomicU64::from_ptr(tail_ptr).load(Ordering::Relaxed);
-                let fill = head.wrapping_sub(tail);
-                let completions = self.is_completion_ring(i);
-                if fill > RING_SLOTS as u64 {
-                    if completions {
-                        report.completions_lost += 1;
-                    } else {
-                        report.corrupt_rings += 1;
-                    }
-                    AtomicU64::from_ptr(tail_ptr).store(head, Ordering::Release);
-                    continue;
-                }
-                report.max_fill = report.max_fill.max(fill);
-                out.reserve(fill as usize);
-                let slots = &raw const (*ring).slots;
-                let first_after = marks.map_or(head, |m| m[i].clamp(tail, head));
-                for seq in tail..head {
-                    if seq == first_after {
-                        report.after_marks.push(out.len()..out.len() + (head - first_after) as usize);
-                    }
-                    let slot = (slots as *const CaptureEvent).add((seq & (RING_SLOTS as u64 - 1)) as usize);
-                    out.push(std::ptr::read_volatile(slot));
-                }
-                report.events += fill;
-                AtomicU64::from_ptr(tail_ptr).store(head, Ordering::Release);
-
-                let dropped = std::ptr::read_volatile(&raw const (*ring).producer.dropped);
-                let new = dropped.wrapping_sub(self.seen_dropped[i]);
-                if completions {
-                    report.completions_lost += new;
-                } else {
-                    report.dropped += new;
-                }
-                self.seen_dropped[i] = dropped;
+        let completion_limits: Vec<Option<u64>> = (0..self.count)
+            // SAFETY: as in `drain_ring`. Acquire: the submission rings'
+            // heads below are read after these.
+            .map(|i| {
+                self.is_completion_ring(i)
+                    .then(|| unsafe { AtomicU64::from_ptr(&raw mut (*self.ring(i)).producer.head).load(Ordering::Acquire) })
+            })
+            .collect();
+        for (i, limit) in completion_limits.iter().enumerate() {
+            if limit.is_none() {
+                self.drain_ring(i, None, out, marks, &mut report);
+            }
+        }
+        for (i, limit) in completion_limits.into_iter().enumerate() {
+            if limit.is_some() {
+                self.drain_ring(i, limit, out, marks, &mut report);
             }
         }
         report
+    }
+
+    /// Drains ring `i` up to its head, or up to `limit` if given (a head
+    /// read earlier: never past the current one).
+    fn drain_ring(
+        &mut self,
+        i: usize,
+        limit: Option<u64>,
+        out: &mut Vec<CaptureEvent>,
+        marks: Option<&[u64]>,
+        report: &mut DrainReport,
+    ) {
+        let ring = self.ring(i);
+        let completions = self.is_completion_ring(i);
+        // SAFETY: fields of a live mapping; head is only written by the
+        // kernel (atomically), tail only by us.
+        unsafe {
+            let current = AtomicU64::from_ptr(&raw mut (*ring).producer.head).load(Ordering::Acquire);
+            let tail_ptr = &raw mut (*ring).consumer.tail;
+            let tail = AtomicU64::from_ptr(tail_ptr).load(Ordering::Relaxed);
+            if current.wrapping_sub(tail) > RING_SLOTS as u64 {
+                if completions {
+                    report.completions_lost += 1;
+                } else {
+                    report.corrupt_rings += 1;
+                }
+                AtomicU64::from_ptr(tail_ptr).store(current, Ordering::Release);
+                return;
+            }
+            // A limit read before `current` lies between tail and current.
+            let head = limit.map_or(current, |l| l.clamp(tail, current));
+            let fill = head - tail;
+            report.max_fill = report.max_fill.max(current - tail);
+            out.reserve(fill as usize);
+            let slots = &raw const (*ring).slots;
+            let first_after = marks.map_or(head, |m| m[i].clamp(tail, head));
+            for seq in tail..head {
+                if seq == first_after {
+                    report.after_marks.push(out.len()..out.len() + (head - first_after) as usize);
+                }
+                let slot = (slots as *const CaptureEvent).add((seq & (RING_SLOTS as u64 - 1)) as usize);
+                out.push(std::ptr::read_volatile(slot));
+            }
+            report.events += fill;
+            AtomicU64::from_ptr(tail_ptr).store(head, Ordering::Release);
+
+            let dropped = std::ptr::read_volatile(&raw const (*ring).producer.dropped);
+            let new = dropped.wrapping_sub(self.seen_dropped[i]);
+            if completions {
+                report.completions_lost += new;
+            } else {
+                report.dropped += new;
+            }
+            self.seen_dropped[i] = dropped;
+        }
     }
 }
 

@@ -8,8 +8,8 @@ mod inflight;
 
 use std::collections::{BTreeMap, HashMap};
 
-use cbt_common::{CaptureEvent, EventKind, COMPLETION_PARTIAL};
-pub use inflight::InFlight;
+use cbt_common::{CaptureEvent, EventKind};
+pub use inflight::{InFlight, SavedInFlight};
 use roaring::RoaringTreemap;
 
 use crate::devices::{self, DeviceKey, Disk, KernelCounters};
@@ -69,7 +69,7 @@ pub struct DeviceChanges {
     /// Sum of sectors of all captured change ops (for the witness).
     pub captured_sectors: u64,
     /// Events by [`EventKind`] (index = kind value).
-    pub events: [u64; 8],
+    pub events: [u64; 9],
     /// When this instance's record began (CLOCK_MONOTONIC ns): nothing
     /// before it is covered.
     pub first_seen_ns: u64,
@@ -78,12 +78,16 @@ pub struct DeviceChanges {
     /// The queue merges discards only contiguously (max_discard_segments
     /// is 1), so their completions are reported and counted.
     pub discards_counted: bool,
+    /// How the kernel reports this device's completions (fixed when
+    /// counting begins).
+    pub completion_mode: CompletionMode,
     pub witness: Witness,
     /// Chunks that may have a write in flight now.
     pub in_flight: InFlight,
     /// Completions are trusted once the device was seen idle with the
-    /// completion hook attached: from then on no completion can belong to
-    /// a write submitted before capture began.
+    /// completion hooks attached: from then on no completion can belong to
+    /// a write submitted before capture began, and [`Self::in_flight`] is
+    /// this agent's own exact account of what is in flight.
     pub completions_trusted: bool,
     /// With trusted completions: the chunks in flight at the previous
     /// take, which belong to the next segment too.
@@ -95,6 +99,27 @@ pub struct DeviceChanges {
     pub proven_ns: Option<u64>,
 }
 
+
+/// Where a device's completions are reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompletionMode {
+    /// blk-mq: `block_rq_complete`, by sector range.
+    #[default]
+    Requests,
+    /// Bio-based (device-mapper, md): `block_bio_complete`, by bio address.
+    Bios,
+}
+
+impl CompletionMode {
+    fn of(name: Option<&str>) -> Self {
+        // Only blk-mq disks have an `mq` directory.
+        match name {
+            Some(n) if !std::path::Path::new("/sys/block").join(n).join("mq").exists() => Self::Bios,
+            _ => Self::Requests,
+        }
+    }
+}
 
 /// One device's changes handed to the change log at a seal.
 #[derive(Debug)]
@@ -126,6 +151,13 @@ pub struct DeviceCheckpoint {
     /// in flight at the seal.
     #[serde(with = "serde_bytes")]
     pub in_flight_blocks: Vec<u8>,
+    /// The exact account behind `in_flight_blocks`, so that a later agent
+    /// goes on counting down (absent in checkpoints of older agents: their
+    /// blocks then stay in flight until the device is proven settled).
+    #[serde(default)]
+    pub in_flight: Option<SavedInFlight>,
+    #[serde(default)]
+    pub completion_mode: CompletionMode,
 }
 
 /// What one witness pass found.
@@ -138,15 +170,17 @@ pub struct WitnessReport {
 }
 
 impl DeviceChanges {
-    /// The device was seen with nothing in flight: start counting
-    /// completions afresh (see [`InFlight`]).
+    /// The device was proven to have nothing in flight, nothing from
+    /// before capture included: start counting completions afresh (see
+    /// [`InFlight`]).
     fn trust_completions(&mut self, completions: bool) {
         self.in_flight.clear();
         self.carried.clear();
         self.completions_trusted = completions;
-        // Fixed from here on: a discard counted up must be counted down.
+        // Fixed from here on: what is counted up must be counted down.
         self.discards_counted =
             self.name.as_deref().and_then(|n| queue_limit(n, "max_discard_segments")) == Some(1);
+        self.completion_mode = CompletionMode::of(self.name.as_deref());
     }
 }
 
@@ -259,6 +293,8 @@ impl ChangeSets {
                     proven: d.proven_ns.is_some(),
                     completions_trusted: d.completions_trusted,
                     in_flight_blocks,
+                    in_flight: Some(d.in_flight.save()),
+                    completion_mode: d.completion_mode,
                 }
             })
             .collect()
@@ -266,20 +302,27 @@ impl ChangeSets {
 
     /// Goes on from a [`Self::checkpoint`] of the same capture (which never
     /// stopped since): the writes in flight then are carried into the next
-    /// segment and stay in flight until the device is seen idle.
+    /// segment and counted down as they complete.
     pub fn restore(&mut self, devices: &[DeviceCheckpoint], now_ns: u64) -> Result<(), String> {
         let shift = self.chunk_shift - 9;
         let completions = self.completions;
         for c in devices {
-            let blocks = RoaringTreemap::deserialize_from(&c.in_flight_blocks[..])
-                .map_err(|e| format!("in-flight blocks of {}:{}: {e}", c.dev, c.diskseq))?;
+            let damaged = |e: std::io::Error| format!("in-flight blocks of {}:{}: {e}", c.dev, c.diskseq);
+            let blocks = RoaringTreemap::deserialize_from(&c.in_flight_blocks[..]).map_err(damaged)?;
+            let exact = c.in_flight.as_ref().map(InFlight::from_saved).transpose().map_err(damaged)?;
             let d = self.entry(DeviceKey { dev: c.dev, diskseq: c.diskseq }, now_ns);
             if c.proven {
                 d.proven_ns = Some(now_ns);
             }
             if c.completions_trusted {
                 d.trust_completions(completions);
-                d.in_flight.restore(&blocks);
+                match exact {
+                    Some(exact) => {
+                        d.in_flight = exact;
+                        d.completion_mode = c.completion_mode;
+                    }
+                    None => d.in_flight.restore_uncounted(&blocks),
+                }
                 d.carried = d.in_flight.chunks(shift);
             }
         }
@@ -373,16 +416,39 @@ impl ChangeSets {
         let shift = self.chunk_shift - 9;
         let d = self.entry(key, to_ns);
         d.events[kind as usize] += 1;
-        if kind == EventKind::Completed {
-            // A discard's completion counts down only what its submission
-            // counted up (a device seen before its queue limits were read
-            // counted nothing).
-            let discard = ev.raw_op & 0xff == EventKind::Discard as u32;
-            if d.completions_trusted && (!discard || d.discards_counted) {
-                let end = ev.sector + ev.nr_sectors as u64;
-                d.in_flight.completed(ev.sector, end, ev.raw_op & COMPLETION_PARTIAL != 0);
+        match kind {
+            EventKind::Completed => {
+                // A discard's completion counts down only what its
+                // submission counted up (a device seen before its queue
+                // limits were read counted nothing).
+                let discard = ev.raw_op == EventKind::Discard as u32;
+                if d.completions_trusted
+                    && d.completion_mode == CompletionMode::Requests
+                    && (!discard || d.discards_counted)
+                {
+                    d.in_flight.completed(ev.sector, ev.sector + ev.nr_sectors as u64);
+                }
+                return;
             }
-            return;
+            EventKind::BioCompleted => {
+                let unknown = d.completions_trusted
+                    && d.completion_mode == CompletionMode::Bios
+                    && !d.in_flight.bio_completed(ev.cookie);
+                if unknown {
+                    // Counting began when nothing was in flight, so this
+                    // bio was held where no counter saw it since before
+                    // capture: it may have landed any time since.
+                    let since = d.first_seen_ns;
+                    self.record_gap(
+                        GapScope::Device(key),
+                        since,
+                        to_ns,
+                        "a write submitted before capture completed after the device was proven idle",
+                    );
+                }
+                return;
+            }
+            _ => {}
         }
         let zone_of = |z: u64| {
             let start = ev.sector / z * z;
@@ -418,10 +484,12 @@ impl ChangeSets {
         // (until then the settle rule carries everything, and trusting
         // clears the counts).
         if d.completions_trusted {
-            match kind {
-                // Their completions are reported, as contiguous ranges.
-                EventKind::Write | EventKind::WriteZeroes => d.in_flight.submitted(start, end),
-                EventKind::Discard if d.discards_counted => d.in_flight.submitted(start, end),
+            match (d.completion_mode, kind) {
+                // Every bio's completion is reported, by its address.
+                (CompletionMode::Bios, _) => d.in_flight.bio_submitted(ev.cookie, start, end),
+                // Their requests' completions are reported, as ranges.
+                (_, EventKind::Write | EventKind::WriteZeroes) => d.in_flight.submitted(start, end),
+                (_, EventKind::Discard) if d.discards_counted => d.in_flight.submitted(start, end),
                 _ => d.in_flight.submitted_uncounted(start, end),
             }
         }
@@ -450,16 +518,28 @@ impl ChangeSets {
             let kernel = counters.changed_sectors().saturating_sub(base.changed_sectors()) as i64;
             let offset = captured as i64 - kernel;
             // The kernel's in-flight count misses requests not started yet
-            // (plugged, queued in a scheduler), so "0 in flight" alone is not
-            // idle. Idle = nothing in flight AND neither side moved over a
-            // whole sampling interval: then no submission can be pending.
-            let idle = counters.in_flight == 0
+            // (plugged, queued in a scheduler) and bios held before they
+            // are accounted (a suspended device-mapper device), so "0 in
+            // flight" alone is not idle. Idle by the kernel = nothing in
+            // flight, nothing held, neither side moved over a whole sampling
+            // interval, and nothing submitted since the sample (such a
+            // submission must be counted once completions are trusted).
+            let kernel_idle = !counters.holds_io
+                && counters.in_flight == 0
                 && d.witness.last_kernel.is_some_and(|k| k.changed_sectors() == counters.changed_sectors())
-                && d.witness.last_captured == captured;
+                && d.witness.last_captured == captured
+                && *captured_after == 0;
+            // Once counting, this agent's own account decides: a write
+            // held where the kernel's figures do not see it is still
+            // counted in flight.
+            let idle = kernel_idle && (!d.completions_trusted || d.in_flight.counted_settled());
             // Nothing written since it was first seen, and nothing in flight
-            // then or now: no write from before capture can still be
+            // or held then or now: no write from before capture can still be
             // pending, so completions can be trusted from the start.
             let untouched = d.captured_sectors == 0
+                && *captured_after == 0
+                && !base.holds_io
+                && !counters.holds_io
                 && base.in_flight == 0
                 && counters.in_flight == 0
                 && base.changed_sectors() == counters.changed_sectors();
@@ -479,7 +559,14 @@ impl ChangeSets {
                 _ if idle => {
                     if d.witness.committed_offset == Some(offset) {
                         settled.push(*key);
-                        d.trust_completions(self.completions);
+                        if d.completions_trusted {
+                            // Every counted write completed, and the
+                            // kernel saw the device idle throughout: the
+                            // uncounted ops completed too.
+                            d.in_flight.clear_uncounted();
+                        } else {
+                            d.trust_completions(self.completions);
+                        }
                         d.proven_ns.get_or_insert(now_ns);
                     }
                     d.witness.committed_offset = Some(offset);
@@ -599,7 +686,7 @@ mod tests {
     fn witness_flags_only_real_shortfalls() {
         let mut cs = ChangeSets::new(4096).unwrap();
         let k = key();
-        let counters = |sectors, in_flight| KernelCounters { write_sectors: sectors, discard_sectors: 0, in_flight };
+        let counters = |sectors, in_flight| KernelCounters { write_sectors: sectors, in_flight, ..Default::default() };
         cs.entry(k, 0).witness.baseline = Some(counters(1000, 0));
         let quiet = WitnessReport::default();
         // 8 sectors captured and completed, seen twice unchanged: idle, offset 0.
@@ -620,17 +707,18 @@ mod tests {
         cs.apply(&[ev(EventKind::Write, 16, 8)], 8, 9);
         assert!(cs.witness(&[(k, counters(1016, 0), 8)], 9).short.is_empty());
         // The kernel completed 24 sectors more than were captured: alarm,
-        // with the gap starting at the last idle moment.
+        // with the gap starting at the last idle moment (the check at 9
+        // saw a submission after its sample: not idle).
         assert_eq!(cs.witness(&[(k, counters(1048, 0), 0)], 10).short, vec![k]);
         assert_eq!(cs.gaps().len(), 1);
-        assert_eq!(cs.gaps()[0].from_ns, 9, "gap starts at the last idle check");
+        assert_eq!(cs.gaps()[0].from_ns, 5, "gap starts at the last idle check");
     }
 
     #[test]
     fn in_flight_writes_are_carried_into_the_next_take() {
         let mut cs = ChangeSets::new(4096).unwrap().with_completions(true);
         let k = key();
-        let idle = KernelCounters { write_sectors: 1000, discard_sectors: 0, in_flight: 0 };
+        let idle = KernelCounters { write_sectors: 1000, ..Default::default() };
         cs.entry(k, 0).witness.baseline = Some(idle);
         // Untouched since first seen, nothing in flight: trusted at once.
         cs.witness(&[(k, idle, 0)], 1);
@@ -659,7 +747,7 @@ mod tests {
     fn completions_before_trust_are_ignored() {
         let mut cs = ChangeSets::new(4096).unwrap().with_completions(true);
         let k = key();
-        let busy = KernelCounters { write_sectors: 1000, discard_sectors: 0, in_flight: 3 };
+        let busy = KernelCounters { write_sectors: 1000, in_flight: 3, ..Default::default() };
         cs.entry(k, 0).witness.baseline = Some(busy);
         cs.witness(&[(k, busy, 0)], 1);
         assert!(!cs.device(&k).unwrap().completions_trusted, "writes from before capture may be pending");
