@@ -14,6 +14,9 @@ use roaring::RoaringTreemap;
 
 use crate::devices::{self, DeviceKey, Disk, KernelCounters};
 
+/// Length of [`DeviceChanges::events`]: one slot per [`EventKind`] value.
+pub const EVENT_KINDS: usize = EventKind::BioCompleted as usize + 1;
+
 /// What a gap covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -69,7 +72,7 @@ pub struct DeviceChanges {
     /// Sum of sectors of all captured change ops (for the witness).
     pub captured_sectors: u64,
     /// Events by [`EventKind`] (index = kind value).
-    pub events: [u64; 9],
+    pub events: [u64; EVENT_KINDS],
     /// When this instance's record began (CLOCK_MONOTONIC ns): nothing
     /// before it is covered.
     pub first_seen_ns: u64,
