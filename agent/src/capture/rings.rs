@@ -296,3 +296,97 @@ fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cbt_common::EventKind;
+
+    impl Rings {
+        /// Rings in anonymous memory, for a producer thread to stand in for
+        /// the programs.
+        fn anonymous(count: u32) -> Self {
+            let len = (count as usize * ELEM_SIZE).next_multiple_of(page_size());
+            // SAFETY: a fresh private anonymous mapping (zeroed).
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            Self {
+                base: NonNull::new(ptr.cast()).unwrap(),
+                len,
+                count: count as usize,
+                seen_dropped: vec![0; count as usize],
+            }
+        }
+    }
+
+    /// The producer side of one ring, as the programs publish: slot first,
+    /// then a fully ordered head increment.
+    struct Producer(*mut CpuRing);
+
+    // SAFETY: each Producer is the single writer of its ring's slots and head.
+    unsafe impl Send for Producer {}
+
+    impl Producer {
+        fn publish(&self, ev: CaptureEvent) {
+            // SAFETY: as in `Rings::drain`, from the producer's side.
+            unsafe {
+                let head_ptr = AtomicU64::from_ptr(&raw mut (*self.0).producer.head);
+                let head = head_ptr.load(Ordering::Relaxed);
+                while head - AtomicU64::from_ptr(&raw mut (*self.0).consumer.tail).load(Ordering::Acquire)
+                    >= RING_SLOTS as u64
+                {
+                    std::hint::spin_loop();
+                }
+                let slot = (&raw mut (*self.0).slots as *mut CaptureEvent).add((head & (RING_SLOTS as u64 - 1)) as usize);
+                std::ptr::write_volatile(slot, ev);
+                head_ptr.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A write is submitted on one CPU and completes on another right
+    /// after: however the two publishes fall around a drain, no drain may
+    /// hand out a completion whose submission it has not handed out yet
+    /// (it would count down another write's sectors).
+    #[test]
+    fn no_completion_is_drained_before_its_submission() {
+        const CPUS: u32 = 2;
+        const WRITES: u64 = 300_000;
+        let mut rings = Rings::anonymous(RING_SETS * CPUS);
+        let submissions = Producer(rings.ring((RingSet::Bio as u32 * CPUS) as usize));
+        let completions = Producer(rings.ring((RingSet::Complete as u32 * CPUS + 1) as usize));
+        let producer = std::thread::spawn(move || {
+            for cookie in 1..=WRITES {
+                let ev = |kind: EventKind| CaptureEvent { cookie, kind: kind as u32, ..Default::default() };
+                submissions.publish(ev(EventKind::Write));
+                completions.publish(ev(EventKind::Completed));
+            }
+        });
+        let mut submitted = 0;
+        let mut completed = 0;
+        let mut out = Vec::new();
+        while completed < WRITES {
+            out.clear();
+            rings.drain(&mut out, None);
+            for ev in &out {
+                if ev.kind == EventKind::Write as u32 {
+                    assert_eq!(ev.cookie, submitted + 1, "submissions in order");
+                    submitted = ev.cookie;
+                } else {
+                    assert!(ev.cookie <= submitted, "completion of write {} drained before its submission", ev.cookie);
+                    completed = ev.cookie;
+                }
+            }
+        }
+        producer.join().unwrap();
+    }
+}
