@@ -761,6 +761,79 @@ mod tests {
         assert!(!taken[0].carries_in_flight, "the settle rule keeps the segment open instead");
     }
 
+    /// A device proven idle and counting, its completions by bio (as a
+    /// device-mapper device's are).
+    fn counting_bio_device() -> ChangeSets {
+        let mut cs = ChangeSets::new(4096).unwrap().with_completions(true);
+        let idle = KernelCounters { write_sectors: 1000, ..Default::default() };
+        cs.entry(key(), 0).witness.baseline = Some(idle);
+        cs.witness(&[(key(), idle, 0)], 1);
+        let d = cs.devices.get_mut(&key()).unwrap();
+        assert!(d.completions_trusted);
+        d.completion_mode = CompletionMode::Bios;
+        cs
+    }
+
+    fn bio(kind: EventKind, cookie: u64, sector: u64, nr: u32) -> CaptureEvent {
+        CaptureEvent { cookie, ..ev(kind, sector, nr) }
+    }
+
+    /// dm suspend: the bio is held before the kernel accounts it, so its
+    /// counters show an idle device. Only this agent's own count knows.
+    #[test]
+    fn a_held_bio_stays_in_flight_while_the_kernel_shows_idle() {
+        let mut cs = counting_bio_device();
+        let k = key();
+        cs.apply(&[bio(EventKind::Write, 0xb10, 256, 8)], 2, 3);
+        let idle = KernelCounters { write_sectors: 1000, ..Default::default() };
+        for t in 4..8 {
+            let report = cs.witness(&[(k, idle, 0)], t);
+            assert!(report.settled.is_empty(), "a counted write is pending: not settled at {t}");
+        }
+        cs.take_changes();
+        assert_eq!(cs.take_changes()[0].chunks.iter().collect::<Vec<_>>(), (32..48).collect::<Vec<_>>(), "carried");
+        cs.apply(&[bio(EventKind::BioCompleted, 0xb10, 0, 0)], 8, 9);
+        cs.take_changes();
+        assert!(cs.take_changes()[0].chunks.is_empty(), "completed: carried no more");
+        assert!(cs.gaps().is_empty());
+    }
+
+    #[test]
+    fn a_suspended_device_is_never_idle() {
+        let mut cs = ChangeSets::new(4096).unwrap().with_completions(true);
+        let k = key();
+        let held = KernelCounters { write_sectors: 1000, holds_io: true, ..Default::default() };
+        cs.entry(k, 0).witness.baseline = Some(held);
+        for t in 1..5 {
+            assert!(cs.witness(&[(k, held, 0)], t).settled.is_empty());
+        }
+        let d = cs.device(&k).unwrap();
+        assert!(!d.completions_trusted && d.proven_ns.is_none(), "a write from before capture may be held");
+    }
+
+    #[test]
+    fn a_bio_completing_that_was_never_submitted_is_a_gap() {
+        let mut cs = counting_bio_device();
+        cs.apply(&[bio(EventKind::BioCompleted, 0x5eed, 0, 0)], 5, 6);
+        assert_eq!(cs.gaps().len(), 1);
+        assert!(cs.gaps()[0].covers(key()));
+        assert_eq!((cs.gaps()[0].from_ns, cs.gaps()[0].to_ns), (0, 6), "from the start of tracking");
+    }
+
+    /// A write submitted after the counters were sampled is applied before
+    /// the device is trusted: it must keep the device from being trusted
+    /// in that check, or its completion would count down a later write.
+    #[test]
+    fn a_submission_after_the_sample_defers_trust() {
+        let mut cs = ChangeSets::new(4096).unwrap().with_completions(true);
+        let k = key();
+        let idle = KernelCounters { write_sectors: 1000, ..Default::default() };
+        cs.entry(k, 0).witness.baseline = Some(idle);
+        cs.apply(&[ev(EventKind::Write, 0, 8)], 1, 2);
+        assert!(cs.witness(&[(k, idle, 8)], 2).settled.is_empty());
+        assert!(!cs.device(&k).unwrap().completions_trusted);
+    }
+
     #[test]
     fn classic_n_on_a_zoned_device_covers_the_zone() {
         let mut cs = ChangeSets::new(4096).unwrap();
