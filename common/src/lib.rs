@@ -50,11 +50,11 @@ pub enum EventKind {
     /// `[sector, sector + nr_sectors)`, wholly or in part; `raw_op` has the
     /// op's kind. Lets the agent know which sectors are no longer in flight.
     Completed = 7,
-    /// Not a change: a bio finished on a bio-based device (device-mapper,
-    /// md): the kernel reports `block_bio_complete` only for bios that never
-    /// became requests. `cookie` is the bio's address, as it was in the
-    /// bio's submission event; `sector`/`nr_sectors` are meaningless (the
-    /// bio's iterator has been advanced by then).
+    /// Not a change: a bio finished that no request completion reported:
+    /// on a bio-based device (device-mapper, md) every bio, paired with its
+    /// submission by `cookie` (the bio's address); on a request-based one a
+    /// bio ended before any request held it, over `[sector, sector +
+    /// nr_sectors)` (what it still held).
     BioCompleted = 8,
 }
 

@@ -26,6 +26,7 @@ pub use roaring::RoaringTreemap;
 
 pub mod accuracy;
 pub mod interop;
+pub mod kernel_trace;
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -218,10 +218,12 @@ pub fn rq_complete_btf(ctx: BtfTracePointContext) -> u32 {
 }
 
 /// Bio completions. The kernel reports them only for bios that were
-/// traced at submission and never became requests (a request's completion
-/// is reported by `block_rq_complete` instead): the bios of bio-based
-/// devices such as device-mapper and md, and bios failed before a request
-/// existed. The agent pairs each with its submission by the bio's address.
+/// traced at submission and never completed as part of a request (a
+/// request's completion is reported by `block_rq_complete` instead): the
+/// bios of bio-based devices such as device-mapper and md, and bios ended
+/// before a request held them (io_uring's non-blocking attempts that
+/// cannot split, failed submissions), whose sectors then still stand in the
+/// bio. The agent pairs the first kind with its submission by address.
 #[btf_tracepoint(function = "block_bio_complete")]
 pub fn bio_complete_btf(ctx: BtfTracePointContext) -> u32 {
     let cfg = config();
@@ -240,7 +242,9 @@ pub fn bio_complete_btf(ctx: BtfTracePointContext) -> u32 {
         }
         let disk: *const u8 = field(bdev, cfg.bdev_disk);
         let (dev, diskseq) = disk_identity(disk);
-        publish(&ctx, RingSet::BioComplete, EventKind::BioCompleted as u32, dev, diskseq, 0, 0, bio as u64, kind);
+        let size: u32 = field(bio, cfg.bio_size);
+        let sector: u64 = field(bio, cfg.bio_sector);
+        publish(&ctx, RingSet::BioComplete, EventKind::BioCompleted as u32, dev, diskseq, sector, size >> 9, bio as u64, kind);
     }
     0
 }

@@ -9,7 +9,7 @@ mod inflight;
 use std::collections::{BTreeMap, HashMap};
 
 use cbt_common::{CaptureEvent, EventKind};
-pub use inflight::{InFlight, SavedInFlight};
+pub use inflight::{InFlight, SavedInFlight, BLOCK_SHIFT};
 use roaring::RoaringTreemap;
 
 use crate::devices::{self, DeviceKey, Disk, KernelCounters};
@@ -433,10 +433,17 @@ impl ChangeSets {
                 }
                 return;
             }
+            EventKind::BioCompleted if d.completion_mode == CompletionMode::Requests => {
+                // Ended before a request held it (an io_uring attempt that
+                // could not split without blocking, a failed submission):
+                // what it still held never completes otherwise.
+                if d.completions_trusted {
+                    d.in_flight.completed(ev.sector, ev.sector + ev.nr_sectors as u64);
+                }
+                return;
+            }
             EventKind::BioCompleted => {
-                let unknown = d.completions_trusted
-                    && d.completion_mode == CompletionMode::Bios
-                    && !d.in_flight.bio_completed(ev.cookie);
+                let unknown = d.completions_trusted && !d.in_flight.bio_completed(ev.cookie);
                 if unknown {
                     // Counting began when nothing was in flight, so this
                     // bio was held where no counter saw it since before
