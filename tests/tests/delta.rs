@@ -138,12 +138,15 @@ fn buffered_writes_with_delayed_writeback() {
         snaps.push(cbt.snapshot(&vol, &format!("buf-{i}")));
     }
 
-    // Markers: buffered writes at unaligned offsets, left dirty.
+    // Markers: buffered writes at unaligned offsets, left dirty. Each in a
+    // slot of its own: an overlapping later marker would overwrite part of
+    // an earlier one, which then could not be found whole in any image.
     let dev = vol.open_buffered();
     let mut markers = Vec::new();
-    for _ in 0..16 {
+    let slot = (vol.size - marker_start) / 16;
+    for i in 0..16 {
         let len = rng.range(100, 9000);
-        let off = rng.range(marker_start, vol.size - len);
+        let off = rng.range(marker_start + i * slot, marker_start + (i + 1) * slot - len);
         let data = rng.bytes(len as usize);
         dev.write_all_at(&data, off).unwrap();
         markers.push((off, data));
