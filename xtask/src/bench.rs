@@ -271,7 +271,15 @@ fn agent_round(dev: &str, runtime: u64, scratch: &Path, timed: bool, extra: &[St
     // previous setting returns.
     let bpf_stats = if timed { Some(BpfStats::enable()?) } else { None };
     let status = scratch.join("status.json");
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    // A state directory of the round's own, on disk like /var/lib/cbt:
+    // nothing left behind, and each round starts a new capture as a first
+    // install would. Declared before the agent: removed after it stopped.
+    let state = Scratch::new_in(&std::env::temp_dir(), "cbt-bench-state")?;
+    let state_arg = state.0.to_str().context("temp dir path")?;
+    let mut extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    if !extra.contains(&"--state-dir") {
+        extra.extend(["--state-dir", state_arg]);
+    }
     let mut agent = demo::start_agent_with(&status, &extra, true)?;
     // The machine was quiet just before, so every capture program now is ours.
     let watch = Watch::start(dev, capture_programs()?)?;

@@ -40,18 +40,62 @@ impl Drop for Loop {
     }
 }
 
-/// Stops the agent with SIGINT (so it writes its final status) on drop.
-pub struct Agent(pub Child);
+/// A `cbt-agent run` child. Its capture is pinned under a bpffs root of
+/// its own, released (programs detached, pins removed) once it has
+/// stopped: the agent pins by default so that a restart is no gap, and a
+/// demo or benchmark must leave no program attached behind it. Stopped with
+/// SIGINT (so it writes its final status) on drop.
+pub struct Agent(pub Child, Option<Release>);
+
+/// What `cbt-agent release` needs to detach what an agent pinned.
+struct Release {
+    state_dir: PathBuf,
+    pin_root: PathBuf,
+}
 
 impl Agent {
+    /// Spawns `cmd`, a `cbt-agent run` command line whose change log is in
+    /// `state_dir`, with a private pin root unless `args` turn pinning off.
+    pub fn spawn(mut cmd: Command, state_dir: &Path, args: &[&str]) -> Result<Self> {
+        let release = (!args.contains(&"--no-pin")).then(|| {
+            let pin_root = PathBuf::from(format!("/sys/fs/bpf/cbt-xtask-{}", std::process::id()));
+            cmd.arg("--pin-root").arg(&pin_root);
+            Release { state_dir: state_dir.to_path_buf(), pin_root }
+        });
+        let child = cmd.args(args).spawn().context("starting cbt-agent")?;
+        Ok(Self(child, release))
+    }
+
     pub fn stop(&mut self) -> Result<()> {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
         let status = self.0.wait()?;
+        self.release()?;
         if !status.success() {
             bail!("agent exited with {status}");
         }
         Ok(())
+    }
+
+    /// Detaches what the (stopped) agent left pinned.
+    fn release(&mut self) -> Result<()> {
+        let Some(r) = self.1.take() else { return Ok(()) };
+        crate::run(
+            Command::new(crate::agent_binary())
+                .arg("release")
+                .arg("--state-dir")
+                .arg(&r.state_dir)
+                .arg("--pin-root")
+                .arg(&r.pin_root)
+                .stdout(Stdio::null()),
+        )
+        .context("releasing the agent's pinned capture")?;
+        match std::fs::remove_dir(&r.pin_root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", r.pin_root.display()))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -59,23 +103,24 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {
             let _ = self.stop();
+        } else if let Err(e) = self.release() {
+            eprintln!("{e:#}");
         }
     }
 }
 
-/// Starts `cbt-agent run` with `extra` arguments and waits until it has
-/// attached (its first status file appears).
+/// Starts `cbt-agent run` with `extra` arguments (a `--state-dir` among
+/// them, or the agent's default) and waits until it has attached (its first
+/// status file appears).
 pub fn start_agent_with(status: &Path, extra: &[&str], quiet: bool) -> Result<Agent> {
     let _ = std::fs::remove_file(status);
-    let child = Command::new(crate::agent_binary())
-        .args(["run", "--check-interval", "200ms"])
-        .args(extra)
+    let state_dir = extra.iter().position(|a| *a == "--state-dir").and_then(|i| extra.get(i + 1)).unwrap_or(&"/var/lib/cbt");
+    let mut cmd = Command::new(crate::agent_binary());
+    cmd.args(["run", "--check-interval", "200ms"])
         .arg("--status-file")
         .arg(status)
-        .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
-        .spawn()
-        .context("starting cbt-agent")?;
-    let agent = Agent(child);
+        .stderr(if quiet { Stdio::null() } else { Stdio::inherit() });
+    let agent = Agent::spawn(cmd, Path::new(state_dir), extra)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !status.exists() {
         if Instant::now() > deadline {

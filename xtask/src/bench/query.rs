@@ -321,20 +321,17 @@ struct Served {
 fn start_agent(ctx: &Ctx, state: &Path, extra: &[&str], log_name: &str) -> Result<Served> {
     let log = ctx.logs.join(log_name);
     let started = Instant::now();
-    let child = Command::new(crate::agent_binary())
-        .arg("run")
+    let mut cmd = Command::new(crate::agent_binary());
+    cmd.arg("run")
         .arg("--state-dir")
         .arg(state)
         .arg("--csi-socket")
         .arg(&ctx.csi)
         .arg("--admin-socket")
         .arg(&ctx.admin)
-        .args(extra)
         .stdout(Stdio::null())
-        .stderr(File::create(&log).with_context(|| format!("creating {}", log.display()))?)
-        .spawn()
-        .context("starting cbt-agent")?;
-    let mut agent = Agent(child);
+        .stderr(File::create(&log).with_context(|| format!("creating {}", log.display()))?);
+    let mut agent = Agent::spawn(cmd, state, extra)?;
     let pid = agent.0.id();
     let ready = ctx.client().arg("ready").arg("--socket").arg(&ctx.csi).args(["--timeout", "60s"]).status();
     if !ready.is_ok_and(|s| s.success()) {
