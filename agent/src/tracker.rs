@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     capture::{
-        Capture, CaptureCheckpoint, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramStats, ReplayReport,
+        BarrierError, Capture, CaptureCheckpoint, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramBarrier,
+        ProgramStats, ReplayReport,
     },
     changes::{ChangeSetError, ChangeSets, DeviceCheckpoint, Gap, GapScope, TakenChanges},
     devices::{self, Disk},
@@ -20,8 +21,10 @@ pub enum TrackerError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     ChangeSets(#[from] ChangeSetError),
-    #[error("membarrier(MEMBARRIER_CMD_GLOBAL) failed: {0}")]
-    Membarrier(std::io::Error),
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+    #[error("waiting for running eBPF programs: {0}")]
+    BarrierWait(std::io::Error),
     #[error("damaged checkpoint: {0}")]
     Checkpoint(String),
 }
@@ -111,6 +114,7 @@ pub struct LossCounters {
 
 pub struct Tracker {
     capture: Capture,
+    barrier: ProgramBarrier,
     changes: ChangeSets,
     buf: Vec<CaptureEvent>,
     last_drain_ns: u64,
@@ -185,6 +189,7 @@ impl Tracker {
         let now = monotonic_ns();
         Ok(Self {
             capture,
+            barrier: ProgramBarrier::new()?,
             changes,
             buf: Vec::with_capacity(1 << 14),
             last_drain_ns: now,
@@ -292,11 +297,10 @@ impl Tracker {
     /// seal, including every change submitted before the returned cut.
     pub fn seal(&mut self) -> Result<Seal, TrackerError> {
         let cut_ns = monotonic_ns();
-        // A program that began before the cut may not have published yet.
-        // Tracepoint programs run with preemption disabled, so an RCU grace
-        // period (what MEMBARRIER_CMD_GLOBAL waits for) outlasts every one
-        // of them; the drain after it sees all their events.
-        wait_for_running_programs()?;
+        // A program that began before the cut may not have published yet:
+        // wait until every run in progress has ended; the drain after it
+        // sees all their events.
+        self.barrier.wait().map_err(TrackerError::BarrierWait)?;
         self.drain(None);
         // Instances that exist but never wrote must be known too: a snapshot
         // of an idle volume needs its tracking start.
@@ -412,14 +416,4 @@ impl Tracker {
         }
         Ok(())
     }
-}
-
-fn wait_for_running_programs() -> Result<(), TrackerError> {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
-    // SAFETY: membarrier takes no pointers.
-    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if rc != 0 {
-        return Err(TrackerError::Membarrier(std::io::Error::last_os_error()));
-    }
-    Ok(())
 }

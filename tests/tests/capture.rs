@@ -224,3 +224,14 @@ fn witness_catches_events_lost_after_capture() {
         "{gaps:?}"
     );
 }
+
+/// The barrier seals use where membarrier is refused (nohz_full kernels):
+/// the real syscalls, so a wrong attribute layout fails here.
+#[test]
+fn seals_can_wait_through_a_map_of_maps_update() {
+    require_root();
+    let barrier = cbt_agent::capture::ProgramBarrier::map_update().expect("creating the map-of-maps barrier");
+    for _ in 0..20 {
+        barrier.wait().expect("a map-of-maps update");
+    }
+}

@@ -5,6 +5,7 @@
 //! Contract (../shared/design/correctness-contract.md §2–3): every op that
 //! can change content is captured or shows up as loss; loss is never silent.
 
+mod barrier;
 mod btf;
 mod layout;
 mod pins;
@@ -25,6 +26,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use cbt_common::{programs, CaptureEvent, ProgramConfig, CONFIG_GLOBAL, RINGS_MAP, UNPUBLISHABLE_MAP};
+pub use barrier::{BarrierError, ProgramBarrier};
 pub use pins::{PinDir, PinError};
 pub use rings::{DrainReport, ReplayReport};
 use rings::Rings;
