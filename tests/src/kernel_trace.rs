@@ -297,7 +297,7 @@ pub fn replay_as_drained(events: &[TraceEvent], rng: &mut fastrand::Rng) -> usiz
         let counted = model.blocks();
         // The truth at every moment from the completions' read to the
         // first submission ring's read.
-        let mut check = |truth: &Truth, at: u64| {
+        let check = |truth: &Truth, at: u64| {
             for b in truth.blocks(cbt_agent::changes::BLOCK_SHIFT) {
                 assert!(
                     counted.contains(b),
