@@ -57,7 +57,7 @@ fn parse<T: std::str::FromStr>(path: PathBuf) -> Result<T, DeviceError> {
 }
 
 /// The kernel's completed-I/O counters for a whole disk (`/sys/block/X/stat`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelCounters {
     pub write_sectors: u64,
     pub discard_sectors: u64,
@@ -67,6 +67,7 @@ pub struct KernelCounters {
     /// The device holds I/O where none of these counters sees it (a
     /// suspended device-mapper device queues bios before accounting them):
     /// "nothing in flight" proves nothing.
+    #[serde(default)]
     pub holds_io: bool,
 }
 

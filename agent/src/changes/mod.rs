@@ -161,6 +161,21 @@ pub struct DeviceCheckpoint {
     pub in_flight: Option<SavedInFlight>,
     #[serde(default)]
     pub completion_mode: CompletionMode,
+    /// The kernel-counter witness, so that a loss the dead agent had not
+    /// yet detected is still held against the kernel's counters (absent in
+    /// checkpoints of older agents: the witness then starts afresh).
+    #[serde(default)]
+    pub witness: Option<SavedWitness>,
+}
+
+/// What the witness needs to go on across a take-over.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedWitness {
+    pub baseline: KernelCounters,
+    /// Sectors captured since the baseline, up to the checkpoint.
+    pub captured_sectors: u64,
+    pub committed_offset: Option<i64>,
+    pub last_quiescent_ns: u64,
 }
 
 /// What one witness pass found.
@@ -298,6 +313,12 @@ impl ChangeSets {
                     in_flight_blocks,
                     in_flight: Some(d.in_flight.save()),
                     completion_mode: d.completion_mode,
+                    witness: d.witness.baseline.map(|baseline| SavedWitness {
+                        baseline,
+                        captured_sectors: d.captured_sectors,
+                        committed_offset: d.witness.committed_offset,
+                        last_quiescent_ns: d.witness.last_quiescent_ns,
+                    }),
                 }
             })
             .collect()
@@ -316,6 +337,12 @@ impl ChangeSets {
             let d = self.entry(DeviceKey { dev: c.dev, diskseq: c.diskseq }, now_ns);
             if c.proven {
                 d.proven_ns = Some(now_ns);
+            }
+            if let Some(w) = &c.witness {
+                d.witness.baseline = Some(w.baseline);
+                d.captured_sectors = w.captured_sectors;
+                d.witness.committed_offset = w.committed_offset;
+                d.witness.last_quiescent_ns = w.last_quiescent_ns;
             }
             if c.completions_trusted {
                 d.trust_completions(completions);
@@ -839,6 +866,29 @@ mod tests {
         cs.apply(&[ev(EventKind::Write, 0, 8)], 1, 2);
         assert!(cs.witness(&[(k, idle, 8)], 2).settled.is_empty());
         assert!(!cs.device(&k).unwrap().completions_trusted);
+    }
+
+    /// A write the dead agent never captured, counted by the kernel
+    /// before the take-over, must still be caught by the new agent.
+    #[test]
+    fn the_witness_goes_on_across_a_take_over() {
+        let k = key();
+        let counters = |sectors| KernelCounters { write_sectors: sectors, ..Default::default() };
+        let mut before = ChangeSets::new(4096).unwrap().with_completions(true);
+        before.entry(k, 0).witness.baseline = Some(counters(1000));
+        before.apply(&[ev(EventKind::Write, 0, 8)], 1, 2);
+        for t in 3..6 {
+            before.witness(&[(k, counters(1008), 0)], t);
+        }
+        assert_eq!(before.device(&k).unwrap().witness.committed_offset, Some(0));
+        before.take_changes();
+        let checkpoint = before.checkpoint();
+        // The kernel completes 16 sectors that no event reported.
+        let mut after = ChangeSets::new(4096).unwrap().with_completions(true);
+        after.restore(&checkpoint, 10).unwrap();
+        after.discover(&[], 10);
+        assert_eq!(after.witness(&[(k, counters(1024), 0)], 11).short, vec![k], "the loss is not absorbed");
+        assert_eq!(after.gaps()[0].from_ns, 5, "from the last idle check before the take-over");
     }
 
     #[test]
