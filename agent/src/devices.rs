@@ -69,6 +69,11 @@ pub struct KernelCounters {
     /// "nothing in flight" proves nothing.
     #[serde(default)]
     pub holds_io: bool,
+    /// The kernel does not account this device's I/O (`queue/iostats` is
+    /// 0): its counters and in-flight figures stay still whatever happens,
+    /// so they prove nothing and witness nothing.
+    #[serde(default)]
+    pub blind: bool,
 }
 
 impl KernelCounters {
@@ -173,6 +178,7 @@ impl Disk {
             counters.in_flight = writes;
         }
         counters.holds_io = read(sys_block(&self.name).join("dm/suspended")).is_ok_and(|s| s.trim() != "0");
+        counters.blind = read(sys_block(&self.name).join("queue/iostats")).is_ok_and(|s| s.trim() == "0");
         // Re-check: the device may have been replaced between the reads.
         (Self::by_name(&self.name).ok()?.key == self.key).then_some(counters)
     }
@@ -186,6 +192,7 @@ pub fn parse_stat(stat: &str) -> Option<KernelCounters> {
         in_flight: *fields.get(8)?,
         discard_sectors: fields.get(13).copied().unwrap_or(0),
         holds_io: false,
+        blind: false,
     })
 }
 

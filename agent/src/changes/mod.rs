@@ -562,6 +562,7 @@ impl ChangeSets {
             // interval, and nothing submitted since the sample (such a
             // submission must be counted once completions are trusted).
             let kernel_idle = !counters.holds_io
+                && !counters.blind
                 && counters.in_flight == 0
                 && d.witness.last_kernel.is_some_and(|k| k.changed_sectors() == counters.changed_sectors())
                 && d.witness.last_captured == captured
@@ -577,6 +578,7 @@ impl ChangeSets {
                 && *captured_after == 0
                 && !base.holds_io
                 && !counters.holds_io
+                && !counters.blind
                 && base.in_flight == 0
                 && counters.in_flight == 0
                 && base.changed_sectors() == counters.changed_sectors();
@@ -843,6 +845,21 @@ mod tests {
         }
         let d = cs.device(&k).unwrap();
         assert!(!d.completions_trusted && d.proven_ns.is_none(), "a write from before capture may be held");
+    }
+
+    /// With `queue/iostats` 0 the kernel's counters never move: a busy
+    /// device would look untouched and idle forever.
+    #[test]
+    fn counters_of_a_device_without_iostats_prove_nothing() {
+        let mut cs = ChangeSets::new(4096).unwrap().with_completions(true);
+        let k = key();
+        let blind = KernelCounters { write_sectors: 1000, blind: true, ..Default::default() };
+        cs.entry(k, 0).witness.baseline = Some(blind);
+        for t in 1..5 {
+            assert!(cs.witness(&[(k, blind, 0)], t).settled.is_empty());
+        }
+        let d = cs.device(&k).unwrap();
+        assert!(!d.completions_trusted && d.proven_ns.is_none());
     }
 
     #[test]
