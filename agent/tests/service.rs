@@ -139,8 +139,12 @@ async fn allocated(
     starting_offset: i64,
     max_results: i32,
 ) -> Result<Drained, tonic::Status> {
-    let request =
-        GetMetadataAllocatedRequest { snapshot_id: id.into(), starting_offset, max_results, secrets: Default::default() };
+    let request = GetMetadataAllocatedRequest {
+        snapshot_id: id.into(),
+        starting_offset,
+        max_results,
+        secrets: Default::default(),
+    };
     let mut stream = client.get_metadata_allocated(request).await?.into_inner();
     let mut drained = Drained::default();
     while let Some(m) = stream.message().await? {
@@ -213,11 +217,7 @@ fn covered(tuples: &[(i64, i64)], granularity: u64) -> BTreeSet<u64> {
 /// The truth: chunks of the set that begin inside the volume, from the chunk
 /// holding `starting_offset` on.
 fn truth(chunks: &[u64], capacity: u64, granularity: u64, starting_offset: u64) -> BTreeSet<u64> {
-    chunks
-        .iter()
-        .copied()
-        .filter(|&c| c * granularity < capacity && c >= starting_offset / granularity)
-        .collect()
+    chunks.iter().copied().filter(|&c| c * granularity < capacity && c >= starting_offset / granularity).collect()
 }
 
 /// xorshift64*: reproducible random sets without a dependency.
@@ -577,8 +577,12 @@ async fn shutdown_does_not_wait_forever_for_a_stalled_reader() {
     let set: Arc<RoaringTreemap> = Arc::new((0..1_000_000u64).collect());
     server.source.set("s", Ok(ChunkMap { capacity_bytes: 1 << 40, granularity: 4096, chunks: set.clone() }));
     let idle = Arc::strong_count(&set);
-    let request =
-        GetMetadataAllocatedRequest { snapshot_id: "s".into(), starting_offset: 0, max_results: 1, secrets: Default::default() };
+    let request = GetMetadataAllocatedRequest {
+        snapshot_id: "s".into(),
+        starting_offset: 0,
+        max_results: 1,
+        secrets: Default::default(),
+    };
     let mut stream = client.get_metadata_allocated(request).await.unwrap().into_inner();
     stream.message().await.unwrap().unwrap();
     // The reader stalls: serve() gives the call a grace period, then drops it.
@@ -815,7 +819,10 @@ async fn cbtctl_rejects_streams_that_break_the_rules() {
     let msg = |ty: BlockMetadataType, capacity: i64, tuples: &[(i64, i64)]| GetMetadataAllocatedResponse {
         block_metadata_type: ty as i32,
         volume_capacity_bytes: capacity,
-        block_metadata: tuples.iter().map(|&(byte_offset, size_bytes)| BlockMetadata { byte_offset, size_bytes }).collect(),
+        block_metadata: tuples
+            .iter()
+            .map(|&(byte_offset, size_bytes)| BlockMetadata { byte_offset, size_bytes })
+            .collect(),
     };
     let (v, f) = (BlockMetadataType::VariableLength, BlockMetadataType::FixedLength);
     let cases = [
@@ -846,4 +853,61 @@ async fn cbtctl_rejects_streams_that_break_the_rules() {
         assert!(out.stdout.is_empty(), "{what}: nothing listed");
         server.abort();
     }
+}
+
+// ------------------------------------------------- gRPC C-core (Python grpcio)
+
+/// The Python with grpcio that `cargo xtask setup` installs in a venv under
+/// target/ (`$CBT_GRPCIO_PYTHON` overrides it).
+fn grpcio_python() -> PathBuf {
+    let python = std::env::var_os("CBT_GRPCIO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/grpcio-venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: `cargo xtask setup` installs grpcio there (or set CBT_GRPCIO_PYTHON)",
+        python.display()
+    );
+    python
+}
+
+/// Runs tests/grpcio_client.py against `socket`: one JSON value per call.
+async fn grpcio(socket: &Path, calls: &[&str]) -> Vec<serde_json::Value> {
+    let mut cmd = std::process::Command::new(grpcio_python());
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpcio_client.py")).arg(socket).args(calls);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run the grpcio client")).await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "grpcio client failed ({}):\n{stdout}{stderr}", out.status);
+    stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+/// C-core (Python, C++, Java since 2023) sends the percent-encoded socket
+/// path as `:authority`, which h2 used to reset as malformed: every call
+/// failed INTERNAL. The socket's directory name holds characters C-core
+/// escapes, as real paths do (`/run/cbt/csi.sock` becomes `%2Frun%2F...`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_c_core_clients_with_default_options_are_served() {
+    let server = Server::start(options()).await;
+    let (capacity, granularity) = (300 * 4096 + 512, 4096);
+    let chunks = [0, 1, 2, 9, 120, 121, 122, 123, 299, 300, 301];
+    server.source.set("base-1..target-2", Ok(map(capacity, granularity, &chunks)));
+
+    let out =
+        grpcio(&server.socket, &["info", "delta", "base-1", "target-2", "2", "delta", "base-1", "nope", "0"]).await;
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(out[0], serde_json::json!({"name": "hostpath.csi.k8s.io", "vendor_version": env!("CARGO_PKG_VERSION")}));
+
+    let messages = out[1]["messages"].as_array().unwrap_or_else(|| panic!("GetMetadataDelta failed: {}", out[1]));
+    let mut drained = Drained::default();
+    for m in messages {
+        let tuples: Vec<(i64, i64)> =
+            m[2].as_array().unwrap().iter().map(|t| (t[0].as_i64().unwrap(), t[1].as_i64().unwrap())).collect();
+        assert!(tuples.len() <= 2, "max_results 2 honoured: {m}");
+        drained.kinds.push((m[0].as_i64().unwrap() as i32, m[1].as_i64().unwrap()));
+        drained.messages.push(tuples);
+    }
+    check_rules(&drained, BlockMetadataType::VariableLength, capacity, granularity, 0);
+    assert_eq!(covered(&drained.tuples(), granularity), truth(&chunks, capacity, granularity, 0));
+    assert_eq!(out[2]["error"], "NOT_FOUND", "{}", out[2]);
+    server.shutdown().await.unwrap();
 }

@@ -1706,15 +1706,23 @@ impl proto::Peer for Peer {
 
         // A request translated from HTTP/1 must not include the :authority
         // header
+        //
+        // cbt patch (see third_party/README.md): an :authority that is not a
+        // valid URI authority is ignored instead of resetting the stream.
+        // gRPC C-core clients (Python, C++, Java since 2023) send the
+        // percent-encoded path of a UNIX socket there by default, e.g.
+        // `%2Frun%2Fcbt%2Fcsi.sock`; cbt serves HTTP/2 only on UNIX sockets,
+        // where the authority carries no meaning. The request then has a
+        // path-only URI, as one without :authority has.
         if let Some(authority) = pseudo.authority {
-            let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
-                    "malformed headers: malformed authority ({:?}): {}",
+            match uri::Authority::from_maybe_shared(authority.clone().into_inner()) {
+                Ok(authority) => parts.authority = Some(authority),
+                Err(why) => tracing::debug!(
+                    "ignoring a malformed authority ({:?}): {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
