@@ -911,3 +911,93 @@ async fn grpc_c_core_clients_with_default_options_are_served() {
     assert_eq!(out[2]["error"], "NOT_FOUND", "{}", out[2]);
     server.shutdown().await.unwrap();
 }
+
+/// A 1 MiB snapshot id used to come back whole in the status message, which
+/// clients refuse (C-core: RESOURCE_EXHAUSTED instead of NOT_FOUND). Ids
+/// longer than any handle are refused up front; any message is bounded.
+#[tokio::test]
+async fn huge_ids_are_refused_with_short_messages() {
+    let server = Server::start(options()).await;
+    let mut client = server.metadata().await;
+    let huge = "x".repeat(1 << 20);
+    for (what, result) in [
+        ("snapshot_id", allocated(&mut client, &huge, 0, 0).await),
+        ("base_snapshot_id", delta(&mut client, &huge, "b", 0, 0).await),
+        ("target_snapshot_id", delta(&mut client, "a", &huge, 0, 0).await),
+    ] {
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}");
+        assert!(err.message().contains(what) && err.message().len() < 200, "{what}: {}", err.message());
+    }
+
+    // The longest id that can name a snapshot is looked up, and echoed cut.
+    let longest = "y".repeat(cbt_agent::names::MAX_HANDLE_BYTES);
+    let err = allocated(&mut client, &longest, 0, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().len() < 200 && err.message().contains("(1024 bytes)"), "{}", err.message());
+
+    // Whatever the source says, the message stays short and keeps its end.
+    server.source.set("s", Err(QueryError::FailedPrecondition(format!("gap: {}", "z".repeat(1 << 20)))));
+    let err = allocated(&mut client, "s", 0, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().len() <= 1100, "{} bytes", err.message().len());
+    assert!(err.message().starts_with("changed blocks cannot be proven complete: gap: zzz"), "{}", err.message());
+    assert!(err.message().ends_with("; take a full backup"), "{}", err.message());
+    server.shutdown().await.unwrap();
+}
+
+/// The same through the client that refused the huge message: C-core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c_core_client_gets_a_short_refusal_for_a_huge_id() {
+    let server = Server::start(options()).await;
+    let huge = format!("@{}", 1 << 20);
+    let out = grpcio(&server.socket, &["delta", &huge, "b", "0", "delta", "a", &huge, "0"]).await;
+    for o in &out {
+        assert_eq!(o["error"], "INVALID_ARGUMENT", "{o}");
+        assert!(o["details_bytes"].as_u64().unwrap() < 200, "{o}");
+    }
+    assert_eq!(out.len(), 2);
+    server.shutdown().await.unwrap();
+}
+
+/// `cbtctl ... | head`: the reader is gone before cbtctl writes. It used to
+/// fail with an error message (listings) or panic (`println!` on EPIPE);
+/// now it stops quietly with the status a shell shows for SIGPIPE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbtctl_stops_quietly_when_stdout_is_closed() {
+    let server = Server::start(options()).await;
+    server.source.set("s", Ok(map(1 << 30, 4096, &(0..100_000).step_by(2).collect::<Vec<_>>())));
+    server.source.set("a..b", Ok(map(1 << 30, 4096, &[1, 7])));
+    let dir = tempfile::tempdir().unwrap();
+    let (image, restored) = (dir.path().join("b.img"), dir.path().join("restored.img"));
+    std::fs::write(&image, vec![7u8; 8 * 4096]).unwrap();
+    std::fs::write(&restored, vec![0u8; 8 * 4096]).unwrap();
+    let (image, restored) = (image.to_str().unwrap().to_string(), restored.to_str().unwrap().to_string());
+    for args in [
+        vec!["allocated", "s"],
+        vec!["allocated", "s", "-o", "json"],
+        vec!["delta", "a", "b"],
+        vec!["copy", "a", "b", "--from", &image, "--onto", &restored],
+    ] {
+        let (socket, owned): (PathBuf, Vec<String>) =
+            (server.socket.clone(), args.iter().map(|s| s.to_string()).collect());
+        let out = tokio::task::spawn_blocking(move || {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            std::process::Command::new(env!("CARGO_BIN_EXE_cbtctl"))
+                .arg("--csi-socket")
+                .arg(&socket)
+                .args(&owned)
+                .env_remove("RUST_LOG")
+                .stdout(writer)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+    server.shutdown().await.unwrap();
+}

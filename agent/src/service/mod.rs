@@ -145,10 +145,11 @@ pub enum ServiceError {
 }
 
 /// The one mapping from the change log's refusals to CSI status codes; the
-/// message is the error's text.
+/// message is the error's text, bounded (clients refuse huge status
+/// messages, and ids in it come from clients).
 impl From<QueryError> for tonic::Status {
     fn from(e: QueryError) -> Self {
-        let message = e.to_string();
+        let message = crate::names::bound_message(e.to_string());
         match e {
             QueryError::NotFound(_) => tonic::Status::not_found(message),
             QueryError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
@@ -251,7 +252,5 @@ pub async fn connect(socket: &Path) -> Result<Channel, ServiceError> {
 
 /// Runs a possibly slow [`MetadataSource`] call off the async executor.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, tonic::Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| tonic::Status::internal(format!("metadata source failed: {e}")))
+    tokio::task::spawn_blocking(f).await.map_err(|e| tonic::Status::internal(format!("metadata source failed: {e}")))
 }
