@@ -69,7 +69,10 @@ fn log_status(e: LogError) -> Status {
 
 fn volume_status(e: VolumeError) -> Status {
     match e {
-        VolumeError::Unknown(_) => status(tonic::Code::NotFound, e.to_string()),
+        // The name is the client's: echoed cut.
+        VolumeError::Unknown(name) => {
+            status(tonic::Code::NotFound, format!("unknown volume {}", crate::names::Echo(&name)))
+        }
         _ => status(tonic::Code::FailedPrecondition, e.to_string()),
     }
 }
@@ -166,12 +169,15 @@ impl Admin for AdminService {
     }
 }
 
-/// Serves the admin API on `socket` (mode 0600: root only) until
+/// The admin socket's mode: root only.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// Serves the admin API on `listener` (bound with [`SOCKET_MODE`]) until
 /// `shutdown` completes.
 pub async fn serve(
-    socket: std::path::PathBuf,
+    listener: crate::service::Listener,
     admin: AdminServer<AdminService>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), crate::service::ServiceError> {
-    crate::service::serve_unix(&socket, 0o600, tonic::service::Routes::new(admin), shutdown).await
+    crate::service::serve_on(listener, tonic::service::Routes::new(admin), shutdown).await
 }

@@ -10,6 +10,8 @@ percent-encoded socket path as `:authority`. Messages are encoded by hand
 Each CALL prints one JSON line:
     info                          -> {"name": ..., "vendor_version": ...}
     delta BASE TARGET MAX_RESULTS -> {"messages": [[type, capacity, [[offset, size], ...]], ...]}
+    admin-begin VOLUME            -> {"cut_id": ...}      (the admin socket's API)
+    admin-delete HANDLE           -> {}
 An id written `@N` is N bytes of "x". A call that fails prints
 {"error": CODE_NAME, "details_bytes": N, "details_head": first 200 chars}.
 """
@@ -104,6 +106,17 @@ def delta(channel, base, target, max_results):
     return {"messages": messages}
 
 
+def admin_begin(channel, volume):
+    call = channel.unary_unary("/cbt.admin.v1.Admin/BeginSnapshot")
+    return {"cut_id": dict(parse(call(field_bytes(1, ident(volume)), timeout=30))).get(1, 0)}
+
+
+def admin_delete(channel, handle):
+    call = channel.unary_unary("/cbt.admin.v1.Admin/DeleteSnapshot")
+    call(field_bytes(1, ident(handle)), timeout=30)
+    return {}
+
+
 def main():
     socket, calls = sys.argv[1], sys.argv[2:]
     # Default options on purpose: this is what a client author writes first.
@@ -115,6 +128,10 @@ def main():
                     result = info(channel)
                 elif name == "delta":
                     result = delta(channel, calls.pop(0), calls.pop(0), calls.pop(0))
+                elif name == "admin-begin":
+                    result = admin_begin(channel, calls.pop(0))
+                elif name == "admin-delete":
+                    result = admin_delete(channel, calls.pop(0))
                 else:
                     raise SystemExit(f"unknown call {name}")
             except grpc.RpcError as e:

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -1000,4 +1000,86 @@ async fn cbtctl_stops_quietly_when_stdout_is_closed() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
     server.shutdown().await.unwrap();
+}
+
+// ------------------------------------------------------ the socket's directory
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Whoever can write the socket's directory could swap the socket for a
+/// symlink between bind and chmod (root would chmod the link's target) or
+/// squat its name while the agent is down: such a directory is refused,
+/// whether named directly or through a symlink, and nothing is left in it.
+#[tokio::test]
+async fn sockets_are_refused_in_directories_others_can_write() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [0o777, 0o1777, 0o770, 0o775, 0o757, 0o2770] {
+        let shared = dir.path().join(format!("shared-{mode:o}"));
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = service::Listener::bind(&shared.join("csi.sock"), 0o660).await.err().expect("refused");
+        assert!(matches!(err, ServiceError::UnsafeDirectory { .. }), "{mode:o}: {err}");
+        assert!(err.to_string().contains("writable by group or others"), "{err}");
+        assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0, "{mode:o}: nothing made there");
+        let err = service::serve(&shared.join("csi.sock"), Arc::new(Scripted::default()), options(), async {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ServiceError::UnsafeDirectory { .. }), "{mode:o}: {err}");
+    }
+    // A symlink is judged by the directory it leads to.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path().join("shared-777"), &link).unwrap();
+    let err = service::Listener::bind(&link.join("csi.sock"), 0o660).await.err().expect("refused");
+    assert!(matches!(err, ServiceError::UnsafeDirectory { .. }), "{err}");
+
+    // Owned by someone else (as root: chown; otherwise any root-owned one).
+    // SAFETY: geteuid has no preconditions.
+    let foreign = if unsafe { libc::geteuid() } == 0 {
+        let foreign = dir.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+        foreign
+    } else {
+        PathBuf::from("/")
+    };
+    let err = service::Listener::bind(&foreign.join("csi.sock"), 0o660).await.err().expect("refused");
+    assert!(matches!(err, ServiceError::UnsafeDirectory { .. }) && err.to_string().contains("belongs to uid"), "{err}");
+}
+
+/// A missing directory is made (0755 at most, umask permitting), nested
+/// ones too; the socket gets its mode, and goes when the listener does.
+#[tokio::test]
+async fn a_missing_socket_directory_is_made_for_root_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/cbt/csi.sock");
+    let listener = service::Listener::bind(&socket, 0o660).await.unwrap();
+    for made in [dir.path().join("run"), dir.path().join("run/cbt")] {
+        let mode = mode_of(&made);
+        assert!(mode & 0o700 == 0o700 && mode & 0o022 == 0 && mode & !0o755 == 0, "{}: {mode:o}", made.display());
+    }
+    assert_eq!(mode_of(&socket), 0o660);
+    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
+    drop(listener);
+    assert!(!socket.exists(), "removed with the listener");
+}
+
+/// Everything after the directory check goes through the directory's
+/// descriptor: renaming the path's ancestors afterwards cannot make the
+/// agent remove (or chmod) what another directory holds at that name.
+#[tokio::test]
+async fn renaming_the_path_afterwards_cannot_redirect_the_socket_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, moved) = (dir.path().join("run"), dir.path().join("moved"));
+    let socket = ours.join("csi.sock");
+    let listener = service::Listener::bind(&socket, 0o660).await.unwrap();
+    std::fs::rename(&ours, &moved).unwrap();
+    std::fs::create_dir(&ours).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    drop(listener);
+    assert!(socket.exists(), "the other directory's socket is left alone");
+    assert!(!moved.join("csi.sock").exists(), "ours is removed where it went");
+    drop(other);
 }
