@@ -1064,6 +1064,16 @@ async fn a_missing_socket_directory_is_made_for_root_alone() {
     assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
     drop(listener);
     assert!(!socket.exists(), "removed with the listener");
+
+    // The DaemonSet's case: an emptyDir is 0777; the directory the agent
+    // makes inside it is its own (deploy/daemonset.yaml: /csi/cbt/csi.sock).
+    let empty_dir = dir.path().join("csi");
+    std::fs::create_dir(&empty_dir).unwrap();
+    std::fs::set_permissions(&empty_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let listener = service::Listener::bind(&empty_dir.join("cbt/csi.sock"), 0o660).await.unwrap();
+    drop(listener);
+    // Restarted in the same pod: the directory is there already, and fine.
+    drop(service::Listener::bind(&empty_dir.join("cbt/csi.sock"), 0o660).await.unwrap());
 }
 
 /// Everything after the directory check goes through the directory's
