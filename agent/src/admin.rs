@@ -50,32 +50,40 @@ impl AdminService {
     }
 }
 
+/// Every admin status goes out through here: its message may repeat what
+/// the client sent (a volume name, a handle), so it is bounded.
+fn status(code: tonic::Code, message: String) -> Status {
+    Status::new(code, crate::names::bound_message(message))
+}
+
 fn log_status(e: LogError) -> Status {
+    use tonic::Code;
     match e {
-        LogError::NoCutBegun(_) => Status::failed_precondition(e.to_string()),
-        LogError::SnapshotExists(_) => Status::already_exists(e.to_string()),
-        LogError::UnknownSnapshot(_) => Status::not_found(e.to_string()),
-        LogError::UnknownInstance(_) => Status::unavailable(format!("{e}; retry in a second")),
-        _ => Status::internal(e.to_string()),
+        LogError::NoCutBegun(_) => status(Code::FailedPrecondition, e.to_string()),
+        LogError::SnapshotExists(_) => status(Code::AlreadyExists, e.to_string()),
+        LogError::UnknownSnapshot(_) => status(Code::NotFound, e.to_string()),
+        LogError::UnknownInstance(_) => status(Code::Unavailable, format!("{e}; retry in a second")),
+        _ => status(Code::Internal, e.to_string()),
     }
 }
 
 fn volume_status(e: VolumeError) -> Status {
     match e {
-        VolumeError::Unknown(_) => Status::not_found(e.to_string()),
-        _ => Status::failed_precondition(e.to_string()),
+        // The name is the client's: echoed cut.
+        VolumeError::Unknown(name) => {
+            status(tonic::Code::NotFound, format!("unknown volume {}", crate::names::Echo(&name)))
+        }
+        _ => status(tonic::Code::FailedPrecondition, e.to_string()),
     }
 }
 
 fn recorder_status(e: RecorderError) -> Status {
-    Status::internal(format!("sealing the change log: {e}"))
+    status(tonic::Code::Internal, format!("sealing the change log: {e}"))
 }
 
+/// See [`crate::names::check_handle`]: no look-alikes, at most 1024 bytes.
 fn validate_handle(handle: &str) -> Result<(), Status> {
-    if handle.is_empty() || handle.len() > 1024 || handle.chars().any(char::is_control) {
-        return Err(Status::invalid_argument("snapshot handle must be 1-1024 printable characters"));
-    }
-    Ok(())
+    crate::names::check_handle(handle).map_err(|e| status(tonic::Code::InvalidArgument, e.to_string()))
 }
 
 pub fn snapshot_message(s: &SnapshotInfo) -> proto::Snapshot {
@@ -161,12 +169,15 @@ impl Admin for AdminService {
     }
 }
 
-/// Serves the admin API on `socket` (mode 0600: root only) until
+/// The admin socket's mode: root only.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// Serves the admin API on `listener` (bound with [`SOCKET_MODE`]) until
 /// `shutdown` completes.
 pub async fn serve(
-    socket: std::path::PathBuf,
+    listener: crate::service::Listener,
     admin: AdminServer<AdminService>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), crate::service::ServiceError> {
-    crate::service::serve_unix(&socket, 0o600, tonic::service::Routes::new(admin), shutdown).await
+    crate::service::serve_on(listener, tonic::service::Routes::new(admin), shutdown).await
 }

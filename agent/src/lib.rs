@@ -15,6 +15,7 @@ pub mod changelog;
 pub mod changes;
 pub mod devices;
 pub mod journal;
+pub mod names;
 pub mod query;
 pub mod recorder;
 pub mod service;

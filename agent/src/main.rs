@@ -148,7 +148,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let volumes = Volumes::new(specs)?;
     for spec in volumes.iter() {
         match volumes.locate(&spec.name) {
-            Ok(extent) => tracing::info!(volume = %spec, disk = %extent.disk.key, "serving volume"),
+            Ok(extent) => tracing::info!(volume = %spec, disk = %extent.disk.key, "volume found"),
             // Not fatal: the device may appear later (it is looked up at
             // every snapshot).
             Err(e) => tracing::warn!("{e}"),
@@ -156,21 +156,36 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     let state = StateDir::open(&args.state_dir).with_context(|| format!("state directory {}", args.state_dir.display()))?;
 
-    // The CSI socket answers Probe (not ready) while the log loads.
+    // Both sockets are bound before anything else starts, so a socket the
+    // agent cannot own (a file is there, another agent serves it, its
+    // directory is not root's alone) stops it here, non-zero, instead of
+    // an agent that runs, says "serving" and passes its liveness check
+    // without the service.
     let queries = Arc::new(LogQueries::default());
+    let csi_routes = service::csi_routes(
+        Arc::clone(&queries) as Arc<dyn MetadataSource>,
+        &ServiceOptions {
+            block_metadata_type: args.block_metadata_type,
+            ..ServiceOptions::new(args.driver_name.clone())
+        },
+    )?;
+    let csi_listener = service::Listener::bind(&args.csi_socket, service::CSI_SOCKET_MODE)
+        .await
+        .context("the CSI socket (--csi-socket)")?;
+    let admin_listener = service::Listener::bind(&args.admin_socket, admin::SOCKET_MODE)
+        .await
+        .context("the admin socket (--admin-socket)")?;
+
+    // A server that stops before shutdown stops the agent (non-zero).
+    let (server_down_tx, mut server_down) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+
+    // The CSI socket answers Probe (not ready) while the log loads; admin
+    // calls wait in the socket's backlog until the recorder runs.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let csi = {
-        let (socket, source) = (args.csi_socket.clone(), Arc::clone(&queries) as Arc<dyn MetadataSource>);
-        let options = ServiceOptions {
-            block_metadata_type: args.block_metadata_type,
-            ..ServiceOptions::new(args.driver_name.clone())
-        };
-        let stopped = stopped(stop_rx.clone());
-        tokio::spawn(async move { service::serve(&socket, source, options, stopped).await })
-    };
+    let csi = watched("CSI", &server_down_tx, service::serve_on(csi_listener, csi_routes, stopped(stop_rx.clone())));
 
     let (mut log, report) = ChangeLog::load(state.path(), args.granularity)
         .with_context(|| format!("opening the change log in {}", args.state_dir.display()))?;
@@ -205,11 +220,15 @@ async fn run(args: RunArgs) -> Result<()> {
     ));
     let status_volumes = volumes.clone();
     let status: StatusFn = Arc::new(move |tracker, log| status_json(tracker, log, &status_volumes));
-    let admin = tokio::spawn(admin::serve(
-        args.admin_socket.clone(),
-        AdminService::new(Arc::clone(&log), Arc::clone(&recorder), volumes, Arc::clone(&status)),
-        stopped(stop_rx.clone()),
-    ));
+    let admin = watched(
+        "admin",
+        &server_down_tx,
+        admin::serve(
+            admin_listener,
+            AdminService::new(Arc::clone(&log), Arc::clone(&recorder), volumes, Arc::clone(&status)),
+            stopped(stop_rx.clone()),
+        ),
+    );
     tracing::info!(csi = %args.csi_socket.display(), admin = %args.admin_socket.display(), "serving; stop with SIGINT or SIGTERM");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -220,10 +239,16 @@ async fn run(args: RunArgs) -> Result<()> {
         let value = recorder.with_tracker(move |t| status(t, &lock(&log))).await?;
         write_atomic(path, &serde_json::to_vec_pretty(&value)?).with_context(|| format!("writing {}", path.display()))
     };
+    let mut server_failed = None;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            Some(name) = server_down.recv() => {
+                tracing::error!("the {name} service stopped on its own: stopping the agent");
+                server_failed = Some(name);
+                break;
+            }
             _ = status_tick.tick() => {
                 if recorder.is_finished() {
                     break;
@@ -240,12 +265,30 @@ async fn run(args: RunArgs) -> Result<()> {
     for (name, server) in [("CSI", csi), ("admin", admin)] {
         if let Err(e) = server.await? {
             tracing::error!("{name} service: {e}");
+            server_failed.get_or_insert(name);
         }
     }
     outcome.context("recording")?;
     state.mark_clean(b"stopped").context("writing the run marker")?;
+    if let Some(name) = server_failed {
+        anyhow::bail!("the {name} service failed (see above)");
+    }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Runs a server; its name goes to `down` when it ends, whyever it does.
+fn watched(
+    name: &'static str,
+    down: &tokio::sync::mpsc::UnboundedSender<&'static str>,
+    server: impl std::future::Future<Output = Result<(), service::ServiceError>> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), service::ServiceError>> {
+    let down = down.clone();
+    tokio::spawn(async move {
+        let result = server.await;
+        let _ = down.send(name);
+        result
+    })
 }
 
 fn status_json(tracker: &Tracker, log: &ChangeLog, volumes: &Volumes) -> serde_json::Value {

@@ -24,7 +24,7 @@ pub struct ChunkMap {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueryError {
     /// The snapshot id is unknown (or being deleted).
-    #[error("snapshot {0:?} is not known to this tracker")]
+    #[error("snapshot {} is not known to this tracker", crate::names::Echo(.0))]
     NotFound(String),
     /// The request cannot be meaningful: another volume, wrong order, ...
     #[error("{0}")]

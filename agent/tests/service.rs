@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -139,8 +139,12 @@ async fn allocated(
     starting_offset: i64,
     max_results: i32,
 ) -> Result<Drained, tonic::Status> {
-    let request =
-        GetMetadataAllocatedRequest { snapshot_id: id.into(), starting_offset, max_results, secrets: Default::default() };
+    let request = GetMetadataAllocatedRequest {
+        snapshot_id: id.into(),
+        starting_offset,
+        max_results,
+        secrets: Default::default(),
+    };
     let mut stream = client.get_metadata_allocated(request).await?.into_inner();
     let mut drained = Drained::default();
     while let Some(m) = stream.message().await? {
@@ -213,11 +217,7 @@ fn covered(tuples: &[(i64, i64)], granularity: u64) -> BTreeSet<u64> {
 /// The truth: chunks of the set that begin inside the volume, from the chunk
 /// holding `starting_offset` on.
 fn truth(chunks: &[u64], capacity: u64, granularity: u64, starting_offset: u64) -> BTreeSet<u64> {
-    chunks
-        .iter()
-        .copied()
-        .filter(|&c| c * granularity < capacity && c >= starting_offset / granularity)
-        .collect()
+    chunks.iter().copied().filter(|&c| c * granularity < capacity && c >= starting_offset / granularity).collect()
 }
 
 /// xorshift64*: reproducible random sets without a dependency.
@@ -577,8 +577,12 @@ async fn shutdown_does_not_wait_forever_for_a_stalled_reader() {
     let set: Arc<RoaringTreemap> = Arc::new((0..1_000_000u64).collect());
     server.source.set("s", Ok(ChunkMap { capacity_bytes: 1 << 40, granularity: 4096, chunks: set.clone() }));
     let idle = Arc::strong_count(&set);
-    let request =
-        GetMetadataAllocatedRequest { snapshot_id: "s".into(), starting_offset: 0, max_results: 1, secrets: Default::default() };
+    let request = GetMetadataAllocatedRequest {
+        snapshot_id: "s".into(),
+        starting_offset: 0,
+        max_results: 1,
+        secrets: Default::default(),
+    };
     let mut stream = client.get_metadata_allocated(request).await.unwrap().into_inner();
     stream.message().await.unwrap().unwrap();
     // The reader stalls: serve() gives the call a grace period, then drops it.
@@ -815,7 +819,10 @@ async fn cbtctl_rejects_streams_that_break_the_rules() {
     let msg = |ty: BlockMetadataType, capacity: i64, tuples: &[(i64, i64)]| GetMetadataAllocatedResponse {
         block_metadata_type: ty as i32,
         volume_capacity_bytes: capacity,
-        block_metadata: tuples.iter().map(|&(byte_offset, size_bytes)| BlockMetadata { byte_offset, size_bytes }).collect(),
+        block_metadata: tuples
+            .iter()
+            .map(|&(byte_offset, size_bytes)| BlockMetadata { byte_offset, size_bytes })
+            .collect(),
     };
     let (v, f) = (BlockMetadataType::VariableLength, BlockMetadataType::FixedLength);
     let cases = [
@@ -846,4 +853,243 @@ async fn cbtctl_rejects_streams_that_break_the_rules() {
         assert!(out.stdout.is_empty(), "{what}: nothing listed");
         server.abort();
     }
+}
+
+// ------------------------------------------------- gRPC C-core (Python grpcio)
+
+/// The Python with grpcio that `cargo xtask setup` installs in a venv under
+/// target/ (`$CBT_GRPCIO_PYTHON` overrides it).
+fn grpcio_python() -> PathBuf {
+    let python = std::env::var_os("CBT_GRPCIO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/grpcio-venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} not found: `cargo xtask setup` installs grpcio there (or set CBT_GRPCIO_PYTHON)",
+        python.display()
+    );
+    python
+}
+
+/// Runs tests/grpcio_client.py against `socket`: one JSON value per call.
+async fn grpcio(socket: &Path, calls: &[&str]) -> Vec<serde_json::Value> {
+    let mut cmd = std::process::Command::new(grpcio_python());
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpcio_client.py")).arg(socket).args(calls);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run the grpcio client")).await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "grpcio client failed ({}):\n{stdout}{stderr}", out.status);
+    stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+/// C-core (Python, C++, Java since 2023) sends the percent-encoded socket
+/// path as `:authority`, which h2 used to reset as malformed: every call
+/// failed INTERNAL. The socket's directory name holds characters C-core
+/// escapes, as real paths do (`/run/cbt/csi.sock` becomes `%2Frun%2F...`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_c_core_clients_with_default_options_are_served() {
+    let server = Server::start(options()).await;
+    let (capacity, granularity) = (300 * 4096 + 512, 4096);
+    let chunks = [0, 1, 2, 9, 120, 121, 122, 123, 299, 300, 301];
+    server.source.set("base-1..target-2", Ok(map(capacity, granularity, &chunks)));
+
+    let out =
+        grpcio(&server.socket, &["info", "delta", "base-1", "target-2", "2", "delta", "base-1", "nope", "0"]).await;
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(out[0], serde_json::json!({"name": "hostpath.csi.k8s.io", "vendor_version": env!("CARGO_PKG_VERSION")}));
+
+    let messages = out[1]["messages"].as_array().unwrap_or_else(|| panic!("GetMetadataDelta failed: {}", out[1]));
+    let mut drained = Drained::default();
+    for m in messages {
+        let tuples: Vec<(i64, i64)> =
+            m[2].as_array().unwrap().iter().map(|t| (t[0].as_i64().unwrap(), t[1].as_i64().unwrap())).collect();
+        assert!(tuples.len() <= 2, "max_results 2 honoured: {m}");
+        drained.kinds.push((m[0].as_i64().unwrap() as i32, m[1].as_i64().unwrap()));
+        drained.messages.push(tuples);
+    }
+    check_rules(&drained, BlockMetadataType::VariableLength, capacity, granularity, 0);
+    assert_eq!(covered(&drained.tuples(), granularity), truth(&chunks, capacity, granularity, 0));
+    assert_eq!(out[2]["error"], "NOT_FOUND", "{}", out[2]);
+    server.shutdown().await.unwrap();
+}
+
+/// A 1 MiB snapshot id used to come back whole in the status message, which
+/// clients refuse (C-core: RESOURCE_EXHAUSTED instead of NOT_FOUND). Ids
+/// longer than any handle are refused up front; any message is bounded.
+#[tokio::test]
+async fn huge_ids_are_refused_with_short_messages() {
+    let server = Server::start(options()).await;
+    let mut client = server.metadata().await;
+    let huge = "x".repeat(1 << 20);
+    for (what, result) in [
+        ("snapshot_id", allocated(&mut client, &huge, 0, 0).await),
+        ("base_snapshot_id", delta(&mut client, &huge, "b", 0, 0).await),
+        ("target_snapshot_id", delta(&mut client, "a", &huge, 0, 0).await),
+    ] {
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}");
+        assert!(err.message().contains(what) && err.message().len() < 200, "{what}: {}", err.message());
+    }
+
+    // The longest id that can name a snapshot is looked up, and echoed cut.
+    let longest = "y".repeat(cbt_agent::names::MAX_HANDLE_BYTES);
+    let err = allocated(&mut client, &longest, 0, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().len() < 200 && err.message().contains("(1024 bytes)"), "{}", err.message());
+
+    // Whatever the source says, the message stays short and keeps its end.
+    server.source.set("s", Err(QueryError::FailedPrecondition(format!("gap: {}", "z".repeat(1 << 20)))));
+    let err = allocated(&mut client, "s", 0, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().len() <= 1100, "{} bytes", err.message().len());
+    assert!(err.message().starts_with("changed blocks cannot be proven complete: gap: zzz"), "{}", err.message());
+    assert!(err.message().ends_with("; take a full backup"), "{}", err.message());
+    server.shutdown().await.unwrap();
+}
+
+/// The same through the client that refused the huge message: C-core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c_core_client_gets_a_short_refusal_for_a_huge_id() {
+    let server = Server::start(options()).await;
+    let huge = format!("@{}", 1 << 20);
+    let out = grpcio(&server.socket, &["delta", &huge, "b", "0", "delta", "a", &huge, "0"]).await;
+    for o in &out {
+        assert_eq!(o["error"], "INVALID_ARGUMENT", "{o}");
+        assert!(o["details_bytes"].as_u64().unwrap() < 200, "{o}");
+    }
+    assert_eq!(out.len(), 2);
+    server.shutdown().await.unwrap();
+}
+
+/// `cbtctl ... | head`: the reader is gone before cbtctl writes. It used to
+/// fail with an error message (listings) or panic (`println!` on EPIPE);
+/// now it stops quietly with the status a shell shows for SIGPIPE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbtctl_stops_quietly_when_stdout_is_closed() {
+    let server = Server::start(options()).await;
+    server.source.set("s", Ok(map(1 << 30, 4096, &(0..100_000).step_by(2).collect::<Vec<_>>())));
+    server.source.set("a..b", Ok(map(1 << 30, 4096, &[1, 7])));
+    let dir = tempfile::tempdir().unwrap();
+    let (image, restored) = (dir.path().join("b.img"), dir.path().join("restored.img"));
+    std::fs::write(&image, vec![7u8; 8 * 4096]).unwrap();
+    std::fs::write(&restored, vec![0u8; 8 * 4096]).unwrap();
+    let (image, restored) = (image.to_str().unwrap().to_string(), restored.to_str().unwrap().to_string());
+    for args in [
+        vec!["allocated", "s"],
+        vec!["allocated", "s", "-o", "json"],
+        vec!["delta", "a", "b"],
+        vec!["copy", "a", "b", "--from", &image, "--onto", &restored],
+    ] {
+        let (socket, owned): (PathBuf, Vec<String>) =
+            (server.socket.clone(), args.iter().map(|s| s.to_string()).collect());
+        let out = tokio::task::spawn_blocking(move || {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            std::process::Command::new(env!("CARGO_BIN_EXE_cbtctl"))
+                .arg("--csi-socket")
+                .arg(&socket)
+                .args(&owned)
+                .env_remove("RUST_LOG")
+                .stdout(writer)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+    server.shutdown().await.unwrap();
+}
+
+// ------------------------------------------------------ the socket's directory
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Whoever can write the socket's directory could swap the socket for a
+/// symlink between bind and chmod (root would chmod the link's target) or
+/// squat its name while the agent is down: such a directory is refused,
+/// whether named directly or through a symlink, and nothing is left in it.
+#[tokio::test]
+async fn sockets_are_refused_in_directories_others_can_write() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [0o777, 0o1777, 0o770, 0o775, 0o757, 0o2770] {
+        let shared = dir.path().join(format!("shared-{mode:o}"));
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = service::Listener::bind(&shared.join("csi.sock"), 0o660).await.err().expect("refused");
+        assert!(matches!(err, ServiceError::UnsafeDirectory { .. }), "{mode:o}: {err}");
+        assert!(err.to_string().contains("writable by group or others"), "{err}");
+        assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0, "{mode:o}: nothing made there");
+        let err = service::serve(&shared.join("csi.sock"), Arc::new(Scripted::default()), options(), async {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ServiceError::UnsafeDirectory { .. }), "{mode:o}: {err}");
+    }
+    // A symlink is judged by the directory it leads to.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path().join("shared-777"), &link).unwrap();
+    let err = service::Listener::bind(&link.join("csi.sock"), 0o660).await.err().expect("refused");
+    assert!(matches!(err, ServiceError::UnsafeDirectory { .. }), "{err}");
+
+    // Owned by someone else (as root: chown; otherwise any root-owned one).
+    // SAFETY: geteuid has no preconditions.
+    let foreign = if unsafe { libc::geteuid() } == 0 {
+        let foreign = dir.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+        foreign
+    } else {
+        PathBuf::from("/")
+    };
+    let err = service::Listener::bind(&foreign.join("csi.sock"), 0o660).await.err().expect("refused");
+    assert!(matches!(err, ServiceError::UnsafeDirectory { .. }) && err.to_string().contains("belongs to uid"), "{err}");
+}
+
+/// A missing directory is made (0755 at most, umask permitting), nested
+/// ones too; the socket gets its mode, and goes when the listener does.
+#[tokio::test]
+async fn a_missing_socket_directory_is_made_for_root_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/cbt/csi.sock");
+    let listener = service::Listener::bind(&socket, 0o660).await.unwrap();
+    for made in [dir.path().join("run"), dir.path().join("run/cbt")] {
+        let mode = mode_of(&made);
+        assert!(mode & 0o700 == 0o700 && mode & 0o022 == 0 && mode & !0o755 == 0, "{}: {mode:o}", made.display());
+    }
+    assert_eq!(mode_of(&socket), 0o660);
+    assert!(std::fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
+    drop(listener);
+    assert!(!socket.exists(), "removed with the listener");
+
+    // The DaemonSet's case: an emptyDir is 0777; the directory the agent
+    // makes inside it is its own (deploy/daemonset.yaml: /csi/cbt/csi.sock).
+    let empty_dir = dir.path().join("csi");
+    std::fs::create_dir(&empty_dir).unwrap();
+    std::fs::set_permissions(&empty_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let listener = service::Listener::bind(&empty_dir.join("cbt/csi.sock"), 0o660).await.unwrap();
+    drop(listener);
+    // Restarted in the same pod: the directory is there already, and fine.
+    drop(service::Listener::bind(&empty_dir.join("cbt/csi.sock"), 0o660).await.unwrap());
+}
+
+/// Everything after the directory check goes through the directory's
+/// descriptor: renaming the path's ancestors afterwards cannot make the
+/// agent remove (or chmod) what another directory holds at that name.
+#[tokio::test]
+async fn renaming_the_path_afterwards_cannot_redirect_the_socket_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, moved) = (dir.path().join("run"), dir.path().join("moved"));
+    let socket = ours.join("csi.sock");
+    let listener = service::Listener::bind(&socket, 0o660).await.unwrap();
+    std::fs::rename(&ours, &moved).unwrap();
+    std::fs::create_dir(&ours).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    drop(listener);
+    assert!(socket.exists(), "the other directory's socket is left alone");
+    assert!(!moved.join("csi.sock").exists(), "ours is removed where it went");
+    drop(other);
 }

@@ -20,18 +20,32 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // The interoperability tests make the sidecar's TLS certificates.
     ("openssl", "openssl"),
+    // A gRPC C-core client (grpcio) for the service tests; see grpcio().
+    ("python3", "python3"),
 ];
+
+/// The grpcio the service tests dial the CSI socket with: C-core, whose
+/// default `:authority` on a UNIX socket differs from Go's. Pinned so a new
+/// release cannot change the test's outcome by itself.
+const GRPCIO: &str = "grpcio==1.85.4";
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 pub fn all() -> Result<()> {
     toolchain()?;
     packages()?;
+    grpcio()?;
     kernel_filesystems()
 }
 
 fn have(binary: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {binary} >/dev/null 2>&1 || test -x /usr/sbin/{binary} || test -x /sbin/{binary}")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {binary} >/dev/null 2>&1 || test -x /usr/sbin/{binary} || test -x /sbin/{binary}"),
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Nightly with rust-src (for `-Z build-std=core`) and a pinned bpf-linker:
@@ -44,7 +58,15 @@ pub fn toolchain() -> Result<()> {
         .unwrap_or(false);
     if !has_src {
         eprintln!("setup: installing nightly with rust-src");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "-c", "rust-src"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "-c",
+            "rust-src",
+        ]))?;
     }
     let linker_ok = Command::new("bpf-linker")
         .arg("--version")
@@ -53,7 +75,14 @@ pub fn toolchain() -> Result<()> {
         .unwrap_or(false);
     if !linker_ok {
         eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
-        run(crate::cargo(None).args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"]))?;
+        run(crate::cargo(None).args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]))?;
     }
     Ok(())
 }
@@ -65,7 +94,41 @@ fn packages() -> Result<()> {
     }
     eprintln!("setup: installing {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// A venv under target/ with grpcio (agent/tests/service.rs runs its
+/// python): Debian's own Python refuses `pip install` outside a venv
+/// (PEP 668), and a venv leaves the system alone.
+fn grpcio() -> Result<()> {
+    let venv = crate::root().join("target/grpcio-venv");
+    let python = venv.join("bin/python");
+    let has_grpcio = |python: &Path| {
+        Command::new(python)
+            .args(["-c", &format!("import grpc, sys; sys.exit(grpc.__version__ != {:?})", &GRPCIO["grpcio==".len()..])])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_grpcio(&python) {
+        return Ok(());
+    }
+    eprintln!("setup: installing {GRPCIO} in {}", venv.display());
+    let make_venv =
+        || Command::new("python3").arg("-m").arg("venv").arg("--clear").arg(&venv).status().is_ok_and(|s| s.success());
+    if !make_venv() {
+        // Debian ships the venv module's pip bootstrap separately.
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "python3-venv"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("python3").arg("-m").arg("venv").arg("--clear").arg(&venv))?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", GRPCIO]))?;
+    anyhow::ensure!(has_grpcio(&python), "{GRPCIO} is not importable from {} after installing it", python.display());
+    Ok(())
 }
 
 /// tracefs (classic tracepoint formats) and bpffs (pinning) are not mounted

@@ -18,14 +18,16 @@ use tracing::{debug, debug_span, error, Span};
 use super::{
     blocking,
     csi::{
-        snapshot_metadata_server::SnapshotMetadata, BlockMetadata, BlockMetadataType,
-        GetMetadataAllocatedRequest, GetMetadataAllocatedResponse, GetMetadataDeltaRequest,
-        GetMetadataDeltaResponse,
+        snapshot_metadata_server::SnapshotMetadata, BlockMetadata, BlockMetadataType, GetMetadataAllocatedRequest,
+        GetMetadataAllocatedResponse, GetMetadataDeltaRequest, GetMetadataDeltaResponse,
     },
     tuples::{chunks_from, Tuples},
     MetadataType, ServiceOptions, MAX_TUPLES_PER_MESSAGE,
 };
-use crate::query::{ChunkMap, MetadataSource};
+use crate::{
+    names::{Echo, MAX_HANDLE_BYTES},
+    query::{ChunkMap, MetadataSource},
+};
 
 /// Messages a stream buffers ahead of its reader.
 const CHANNEL_DEPTH: usize = 4;
@@ -91,7 +93,8 @@ impl MetadataService {
         make: impl Fn(BlockMetadataType, i64, Vec<BlockMetadata>) -> R + Send + 'static,
     ) -> Result<ReceiverStream<Result<R, Status>>, Status> {
         // The change log's own invariants; a violation is a bug there.
-        if map.granularity == 0 || map.capacity_bytes.checked_add(map.granularity).is_none_or(|end| end > i64::MAX as u64)
+        if map.granularity == 0
+            || map.capacity_bytes.checked_add(map.granularity).is_none_or(|end| end > i64::MAX as u64)
         {
             return Err(Status::internal(format!(
                 "metadata source returned an invalid chunk map (capacity {}, granularity {})",
@@ -170,9 +173,17 @@ fn produce<R>(
     Some((tuples, messages))
 }
 
+/// A snapshot id is required, and one longer than any handle commit
+/// accepts names no snapshot: refused before it is looked up (or echoed).
 fn require(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    if value.len() > MAX_HANDLE_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; snapshot handles are at most {MAX_HANDLE_BYTES}",
+            value.len()
+        )));
     }
     Ok(())
 }
@@ -188,7 +199,7 @@ impl SnapshotMetadata for MetadataService {
     ) -> Result<Response<Self::GetMetadataAllocatedStream>, Status> {
         let req = request.into_inner();
         // Never the request itself: it carries secrets.
-        let span = debug_span!("GetMetadataAllocated", snapshot_id = %req.snapshot_id);
+        let span = debug_span!("GetMetadataAllocated", snapshot_id = %Echo(&req.snapshot_id));
         span.in_scope(|| debug!(starting_offset = req.starting_offset, max_results = req.max_results, "call"));
         require("snapshot_id", &req.snapshot_id)?;
         let page = self.page(req.starting_offset, req.max_results)?;
@@ -213,8 +224,8 @@ impl SnapshotMetadata for MetadataService {
         // Never the request itself: it carries secrets.
         let span = debug_span!(
             "GetMetadataDelta",
-            base_snapshot_id = %req.base_snapshot_id,
-            target_snapshot_id = %req.target_snapshot_id
+            base_snapshot_id = %Echo(&req.base_snapshot_id),
+            target_snapshot_id = %Echo(&req.target_snapshot_id)
         );
         span.in_scope(|| debug!(starting_offset = req.starting_offset, max_results = req.max_results, "call"));
         require("base_snapshot_id", &req.base_snapshot_id)?;

@@ -20,6 +20,7 @@ use std::{
     time::Duration,
 };
 
+use tokio::net::UnixListener;
 use tokio_stream::{wrappers::UnixListenerStream, StreamExt};
 use tonic::transport::{Channel, Endpoint, Server};
 use tracing::{info, warn};
@@ -127,6 +128,14 @@ pub enum ServiceError {
     SocketInUse { path: PathBuf },
     #[error("{}: exists and is not a socket; refusing to replace it", path.display())]
     NotASocket { path: PathBuf },
+    #[error("socket path {} has no file name", path.display())]
+    NoFileName { path: PathBuf },
+    #[error(
+        "socket directory {} {why}: refusing to serve there (whoever can write it could swap the socket for a \
+         symlink or squat its name); use a directory only root can write, e.g. /run/cbt",
+        path.display()
+    )]
+    UnsafeDirectory { path: PathBuf, why: String },
     #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
@@ -145,10 +154,11 @@ pub enum ServiceError {
 }
 
 /// The one mapping from the change log's refusals to CSI status codes; the
-/// message is the error's text.
+/// message is the error's text, bounded (clients refuse huge status
+/// messages, and ids in it come from clients).
 impl From<QueryError> for tonic::Status {
     fn from(e: QueryError) -> Self {
-        let message = e.to_string();
+        let message = crate::names::bound_message(e.to_string());
         match e {
             QueryError::NotFound(_) => tonic::Status::not_found(message),
             QueryError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
@@ -158,13 +168,63 @@ impl From<QueryError> for tonic::Status {
     }
 }
 
+/// The mode of the CSI socket: owner and group (the sidecar shares it).
+pub const CSI_SOCKET_MODE: u32 = 0o660;
+
+/// A bound, listening UNIX socket, not yet served.
+///
+/// The agent binds its sockets before it says it serves: a path it cannot
+/// own (a file is there, another process serves it, its directory is not
+/// root's alone) fails the start instead of leaving an agent that runs
+/// without its service. Connections made before [`serve_on`] runs wait in
+/// the listen backlog. Dropping it (served or not) removes the socket file
+/// if the path still names it.
+pub struct Listener {
+    listener: UnixListener,
+    file: socket::SocketFile,
+}
+
+impl Listener {
+    /// Binds `socket` with `mode`: see [`serve`] for the rules on its
+    /// directory and on a file already there.
+    pub async fn bind(socket: &Path, mode: u32) -> Result<Listener, ServiceError> {
+        let (listener, file) = socket::bind(socket, mode).await?;
+        Ok(Listener { listener, file })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+/// The CSI `Identity` and `SnapshotMetadata` services over `source`,
+/// checking `options`.
+pub fn csi_routes(
+    source: Arc<dyn MetadataSource>,
+    options: &ServiceOptions,
+) -> Result<tonic::service::Routes, ServiceError> {
+    if options.driver_name.is_empty() {
+        return Err(ServiceError::InvalidOptions("driver_name must not be empty".into()));
+    }
+    if options.default_max_results == 0 {
+        return Err(ServiceError::InvalidOptions("default_max_results must be > 0".into()));
+    }
+    let identity = identity::IdentityService::new(source.clone(), options);
+    let metadata = metadata::MetadataService::new(source, options);
+    Ok(tonic::service::Routes::new(csi::identity_server::IdentityServer::new(identity))
+        .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(metadata)))
+}
+
 /// Serves `Identity` and `SnapshotMetadata` on the UNIX socket `socket`
 /// until `shutdown` resolves, then removes the socket.
 ///
-/// The socket's directory is created if missing. An existing socket file is
-/// replaced only when nothing accepts connections on it (a leftover of a
-/// dead process); a live one, or a file that is not a socket, is an error.
-/// The socket is made mode 0660 (owner and group: the sidecar shares it).
+/// The socket's directory is created (0755) if missing; it must belong to
+/// this process's user and be writable by no one else (whoever can write it
+/// could swap the socket for a symlink, or squat its name). An existing
+/// socket file is replaced only when nothing accepts connections on it (a
+/// leftover of a dead process); a live one, or a file that is not a socket,
+/// is an error. The socket is made mode 0660 (owner and group: the sidecar
+/// shares it).
 ///
 /// Shutdown stops accepting, lets running calls finish for a grace period
 /// (5 s), then cuts the connections still open (their clients
@@ -175,32 +235,33 @@ pub async fn serve(
     options: ServiceOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServiceError> {
-    if options.driver_name.is_empty() {
-        return Err(ServiceError::InvalidOptions("driver_name must not be empty".into()));
-    }
-    if options.default_max_results == 0 {
-        return Err(ServiceError::InvalidOptions("default_max_results must be > 0".into()));
-    }
-    let routes = tonic::service::Routes::new(csi::identity_server::IdentityServer::new(
-        identity::IdentityService::new(source.clone(), &options),
-    ))
-    .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(metadata::MetadataService::new(
-        source, &options,
-    )));
+    let routes = csi_routes(source, &options)?;
+    let listener = Listener::bind(socket, CSI_SOCKET_MODE).await?;
     info!(socket = %socket.display(), driver = %options.driver_name, "serving CSI Identity and SnapshotMetadata");
-    serve_unix(socket, 0o660, routes, shutdown).await
+    serve_on(listener, routes, shutdown).await
 }
 
 /// Serves `routes` on the UNIX socket `socket` (created with `mode`) until
 /// `shutdown` resolves, then removes the socket; see [`serve`] for the
-/// socket and shutdown rules. Shared by every gRPC API of the agent.
+/// socket and shutdown rules.
 pub async fn serve_unix(
     socket: &Path,
     mode: u32,
     routes: tonic::service::Routes,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServiceError> {
-    let (listener, ours) = socket::bind(socket, mode).await?;
+    serve_on(Listener::bind(socket, mode).await?, routes, shutdown).await
+}
+
+/// Serves `routes` on a bound [`Listener`] until `shutdown` resolves, then
+/// removes its socket; see [`serve`] for the shutdown rules. Shared by
+/// every gRPC API of the agent.
+pub async fn serve_on(
+    listener: Listener,
+    routes: tonic::service::Routes,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServiceError> {
+    let Listener { listener, file } = listener;
     let connections = socket::Connections::default();
     let incoming = {
         let connections = connections.clone();
@@ -235,11 +296,10 @@ pub async fn serve_unix(
             }
         }
     };
-    // Remove the socket only if the path still names the one bound here.
-    if socket::inode(socket).ok() == Some(ours) {
-        let _ = std::fs::remove_file(socket);
-    }
-    result.map_err(|source| ServiceError::Transport { path: socket.into(), source })
+    let path = file.path().to_path_buf();
+    // Removes the socket, if the path still names the one bound here.
+    drop(file);
+    result.map_err(|source| ServiceError::Transport { path, source })
 }
 
 /// A client channel to the services on the UNIX socket `socket`.
@@ -251,7 +311,5 @@ pub async fn connect(socket: &Path) -> Result<Channel, ServiceError> {
 
 /// Runs a possibly slow [`MetadataSource`] call off the async executor.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, tonic::Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| tonic::Status::internal(format!("metadata source failed: {e}")))
+    tokio::task::spawn_blocking(f).await.map_err(|e| tonic::Status::internal(format!("metadata source failed: {e}")))
 }

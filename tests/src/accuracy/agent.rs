@@ -257,6 +257,9 @@ impl Agent {
         let dir = PathBuf::from(format!("/tmp/{}", unique_name("agent")));
         let state_dir = dir.join("state");
         std::fs::create_dir_all(&state_dir).expect("agent dir");
+        // The sockets' directory: the agent refuses one others can write,
+        // whatever the umask made it.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("agent dir mode");
         let mut a = Self {
             csi_socket: dir.join("csi.sock"),
             admin_socket: dir.join("admin.sock"),

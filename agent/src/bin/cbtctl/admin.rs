@@ -1,5 +1,7 @@
 //! `cbtctl snapshot ...` and `cbtctl status`: the agent's admin socket.
 
+use std::io::Write;
+
 use anyhow::{Context, Result};
 use cbt_agent::admin::proto::{
     admin_client::AdminClient, BeginSnapshotRequest, CommitSnapshotRequest, DeleteSnapshotRequest,
@@ -8,7 +10,7 @@ use cbt_agent::admin::proto::{
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 
-use crate::RpcError;
+use crate::{print_out, shown, RpcError};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
@@ -47,12 +49,12 @@ pub async fn snapshot(channel: Channel, command: SnapshotCommand) -> Result<()> 
     match command {
         SnapshotCommand::Begin { volume } => {
             let cut = client.begin_snapshot(BeginSnapshotRequest { volume }).await.map_err(rpc)?.into_inner();
-            println!("{}", cut.cut_id);
+            print_out(|out| writeln!(out, "{}", cut.cut_id))?;
         }
         SnapshotCommand::Commit { volume, handle } => {
             let reply = client.commit_snapshot(CommitSnapshotRequest { volume, handle }).await.map_err(rpc)?;
             let snapshot = reply.into_inner().snapshot.context("the agent sent no snapshot")?;
-            println!("{}", snapshot.handle);
+            print_out(|out| writeln!(out, "{}", snapshot.handle))?;
         }
         SnapshotCommand::Delete { handle } => {
             client.delete_snapshot(DeleteSnapshotRequest { handle }).await.map_err(rpc)?;
@@ -61,16 +63,29 @@ pub async fn snapshot(channel: Channel, command: SnapshotCommand) -> Result<()> 
             let list = client.list_snapshots(ListSnapshotsRequest {}).await.map_err(rpc)?.into_inner();
             if args.json {
                 let items: Vec<_> = list.snapshots.iter().map(snapshot_json).collect();
-                println!("{}", serde_json::to_string_pretty(&items)?);
+                let json = serde_json::to_string_pretty(&items)?;
+                print_out(|out| writeln!(out, "{json}"))?;
             } else {
-                println!("{:<24} {:<16} {:<20} {:>16} {:>22}", "HANDLE", "VOLUME", "DEVICE", "CAPACITY", "WINDOW (ms)");
-                for s in &list.snapshots {
-                    let window_ms = s.window_hi.saturating_sub(s.window_lo) as f64 / 1e6;
-                    println!(
-                        "{:<24} {:<16} {:<20} {:>16} {:>22.1}",
-                        s.handle, s.volume, s.device, s.capacity_bytes, window_ms
-                    );
-                }
+                print_out(|out| {
+                    writeln!(
+                        out,
+                        "{:<24} {:<16} {:<20} {:>16} {:>22}",
+                        "HANDLE", "VOLUME", "DEVICE", "CAPACITY", "WINDOW (ms)"
+                    )?;
+                    for s in &list.snapshots {
+                        let window_ms = s.window_hi.saturating_sub(s.window_lo) as f64 / 1e6;
+                        writeln!(
+                            out,
+                            "{:<24} {:<16} {:<20} {:>16} {:>22.1}",
+                            shown(&s.handle),
+                            shown(&s.volume),
+                            s.device,
+                            s.capacity_bytes,
+                            window_ms
+                        )?;
+                    }
+                    Ok(())
+                })?;
             }
         }
     }
@@ -93,32 +108,44 @@ pub async fn status(channel: Channel, args: StatusArgs) -> Result<()> {
     let json = AdminClient::new(channel).status(StatusRequest {}).await.map_err(rpc)?.into_inner().json;
     let value: serde_json::Value = serde_json::from_str(&json).context("the agent's status is not JSON")?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
+        let json = serde_json::to_string_pretty(&value)?;
+        return print_out(|out| writeln!(out, "{json}"));
     }
+    print_out(|out| status_summary(out, &value))
+}
+
+fn status_summary(out: &mut dyn Write, value: &serde_json::Value) -> std::io::Result<()> {
     let log = &value["log"];
-    println!(
+    writeln!(
+        out,
         "change log: {} segments, {} chunks in {} B ({} B journal), {} snapshots, {} gaps",
-        log["segments"], log["segment_chunks"], log["segment_bytes"], log["journal_bytes"], log["snapshots"], log["gaps"]
-    );
+        log["segments"],
+        log["segment_chunks"],
+        log["segment_bytes"],
+        log["journal_bytes"],
+        log["snapshots"],
+        log["gaps"]
+    )?;
     let loss = &value["capture"]["loss"];
-    println!(
+    writeln!(
+        out,
         "capture: {} events, {} dropped, {} witness alarms, max ring fill {}",
         loss["events"], loss["dropped_events"], loss["witness_alarms"], loss["max_ring_fill"]
-    );
+    )?;
     for v in value["volumes"].as_array().into_iter().flatten() {
-        println!(
+        writeln!(
+            out,
             "volume {}: {} on {} ({} B), {} snapshots{}",
-            v["name"].as_str().unwrap_or("?"),
+            shown(v["name"].as_str().unwrap_or("?")),
             v["device"].as_str().unwrap_or("?"),
             v["instance"].as_str().unwrap_or("-"),
             v["capacity_bytes"],
             v["snapshots"],
             v["error"].as_str().map(|e| format!(", error: {e}")).unwrap_or_default()
-        );
+        )?;
     }
     for g in value["gaps"].as_array().into_iter().flatten() {
-        println!("gap {}..{} {}: {}", g["from"], g["to"], g["instance"], g["reason"].as_str().unwrap_or(""));
+        writeln!(out, "gap {}..{} {}: {}", g["from"], g["to"], g["instance"], g["reason"].as_str().unwrap_or(""))?;
     }
     Ok(())
 }

@@ -40,7 +40,9 @@ pub async fn run(channel: Channel, args: CopyArgs) -> Result<()> {
     // The whole delta first: nothing is written unless the server vouched
     // for all of it, and the progress bar knows the total.
     let query = Query::Delta { base: args.base.clone(), target: args.target.clone() };
-    let context = || format!("GetMetadataDelta({}, {})", args.base, args.target);
+    let context = || {
+        format!("GetMetadataDelta({}, {})", cbt_agent::names::Echo(&args.base), cbt_agent::names::Echo(&args.target))
+    };
     let mut stream = MetadataStream::open(channel, &query, 0, args.max_results).await.with_context(context)?;
     let mut capacity = None;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -65,12 +67,14 @@ pub async fn run(channel: Channel, args: CopyArgs) -> Result<()> {
     let summary = tokio::task::spawn_blocking(move || copy_ranges(&args.from, &args.onto, capacity, &ranges, total))
         .await
         .context("copy thread")??;
-    println!(
-        "copied {reported} ranges ({} after merging adjacent ones), {total} bytes of a {capacity}-byte volume{}",
-        summary.merged,
-        if summary.extended { "; output extended to the volume capacity" } else { "" }
-    );
-    Ok(())
+    crate::print_out(|out| {
+        writeln!(
+            out,
+            "copied {reported} ranges ({} after merging adjacent ones), {total} bytes of a {capacity}-byte volume{}",
+            summary.merged,
+            if summary.extended { "; output extended to the volume capacity" } else { "" }
+        )
+    })
 }
 
 struct Summary {
@@ -80,14 +84,11 @@ struct Summary {
 
 fn copy_ranges(from: &Path, onto: &Path, capacity: u64, ranges: &[(u64, u64)], total: u64) -> Result<Summary> {
     let source = File::open(from).with_context(|| format!("opening {}", from.display()))?;
-    let output = OpenOptions::new().read(true).write(true).open(onto).with_context(|| format!("opening {}", onto.display()))?;
+    let output =
+        OpenOptions::new().read(true).write(true).open(onto).with_context(|| format!("opening {}", onto.display()))?;
     let needed = ranges.last().map_or(0, |&(_, end)| end);
     let source_size = size(&source).with_context(|| format!("size of {}", from.display()))?;
-    ensure!(
-        source_size >= needed,
-        "{} holds {source_size} bytes but the delta reaches byte {needed}",
-        from.display()
-    );
+    ensure!(source_size >= needed, "{} holds {source_size} bytes but the delta reaches byte {needed}", from.display());
     let mut extended = false;
     let output_size = size(&output).with_context(|| format!("size of {}", onto.display()))?;
     if output_size < capacity {

@@ -11,12 +11,17 @@
 //! | 3 | FAILED_PRECONDITION: the tracker cannot prove the delta, take a full backup |
 //! | 4 | NOT_FOUND: unknown snapshot |
 //! | 1 | anything else |
+//! | 141 | stdout was closed before all output was written (`cbtctl ... \| head`); nothing is printed about it |
 
 mod admin;
 mod copy;
 mod metadata;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    io::{self, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -57,17 +62,59 @@ pub(crate) struct RpcError(pub tonic::Status);
 
 impl std::fmt::Display for RpcError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}: {}", self.0.code(), self.0.message())
+        // Bounded: a server may echo a huge id.
+        write!(f, "{:?}: {}", self.0.code(), cbt_agent::names::bound_message(self.0.message().to_string()))
     }
 }
 
 impl std::error::Error for RpcError {}
 
+/// Whoever read cbtctl's stdout closed it early (`cbtctl snapshot list |
+/// head`). Not worth a message, but not success either: the output was not
+/// all delivered (a consumer of `delta` must not take a cut list as whole).
+#[derive(Debug)]
+pub(crate) struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Exit status for [`StdoutClosed`]: what a shell reports for a process
+/// that SIGPIPE killed, as `ls | head` does. (Rust ignores SIGPIPE, so a
+/// write to a closed pipe fails with EPIPE instead, and `println!` panics.)
+const EXIT_STDOUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
+
+/// Every command's output goes through here, never `println!`: a closed
+/// stdout becomes [`StdoutClosed`], other write errors an error.
+pub(crate) fn print_out(write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<()> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+    }
+}
+
+/// A client-side text (handle, volume) for a table: characters that would
+/// hide or reorder what follows are shown escaped (`\u{202e}`); the agent
+/// refuses them in new handles, older state may still hold some.
+pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(cbt_agent::names::is_invisible) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| if cbt_agent::names::is_invisible(c) { c.escape_unicode().to_string() } else { c.to_string() })
+        .collect::<String>()
+        .into()
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -104,18 +151,24 @@ async fn admin_channel(socket: &std::path::Path) -> Result<tonic::transport::Cha
 }
 
 fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.chain().any(|c| c.is::<StdoutClosed>()) {
+        return ExitCode::from(EXIT_STDOUT_CLOSED);
+    }
     let status = e.chain().find_map(|c| c.downcast_ref::<RpcError>()).map(|r| &r.0);
+    // `eprintln!` would panic on a closed stderr: nothing more to say then.
+    let mut stderr = io::stderr().lock();
     match status.map(|s| s.code()) {
         Some(Code::FailedPrecondition) => {
-            eprintln!("full backup required: {}", status.map(|s| s.message()).unwrap_or_default());
+            let message = cbt_agent::names::bound_message(status.map(|s| s.message()).unwrap_or_default().to_string());
+            let _ = writeln!(stderr, "full backup required: {message}");
             ExitCode::from(3)
         }
         Some(Code::NotFound) => {
-            eprintln!("error: {}", chain(e));
+            let _ = writeln!(stderr, "error: {}", chain(e));
             ExitCode::from(4)
         }
         _ => {
-            eprintln!("error: {}", chain(e));
+            let _ = writeln!(stderr, "error: {}", chain(e));
             ExitCode::from(1)
         }
     }

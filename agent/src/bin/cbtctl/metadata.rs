@@ -4,6 +4,7 @@
 use std::io::Write;
 
 use anyhow::{bail, ensure, Context, Result};
+use cbt_agent::names::Echo;
 use cbt_agent::service::csi::{
     snapshot_metadata_client::SnapshotMetadataClient, BlockMetadataType, GetMetadataAllocatedRequest,
     GetMetadataAllocatedResponse, GetMetadataDeltaRequest, GetMetadataDeltaResponse,
@@ -204,7 +205,9 @@ impl MetadataStream {
                     Some(s) if s == r.size_bytes => {}
                     // The last tuple may be clamped to the capacity.
                     Some(s) if r.size_bytes < s && r.end() == capacity => self.clamped = true,
-                    Some(s) => bail!("FIXED_LENGTH tuple at {} has size {} instead of {s}", r.byte_offset, r.size_bytes),
+                    Some(s) => {
+                        bail!("FIXED_LENGTH tuple at {} has size {} instead of {s}", r.byte_offset, r.size_bytes)
+                    }
                 }
             }
             self.last_end = Some(r.end());
@@ -236,7 +239,7 @@ pub async fn allocated(channel: Channel, args: AllocatedArgs) -> Result<()> {
     let query = Query::Allocated { snapshot: args.snapshot.clone() };
     let listing = list(channel, &query, args.list.starting_offset, args.list.max_results)
         .await
-        .with_context(|| format!("GetMetadataAllocated({})", args.snapshot))?;
+        .with_context(|| format!("GetMetadataAllocated({})", Echo(&args.snapshot)))?;
     print(&listing, args.list.output)
 }
 
@@ -244,22 +247,29 @@ pub async fn delta(channel: Channel, args: DeltaArgs) -> Result<()> {
     let query = Query::Delta { base: args.base.clone(), target: args.target.clone() };
     let listing = list(channel, &query, args.list.starting_offset, args.list.max_results)
         .await
-        .with_context(|| format!("GetMetadataDelta({}, {})", args.base, args.target))?;
+        .with_context(|| format!("GetMetadataDelta({}, {})", Echo(&args.base), Echo(&args.target)))?;
     print(&listing, args.list.output)
 }
 
 fn print(listing: &Listing, format: Format) -> Result<()> {
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    crate::print_out(|out| write_listing(out, listing, format))
+}
+
+fn write_listing(out: &mut dyn Write, listing: &Listing, format: Format) -> std::io::Result<()> {
     match format {
         Format::Table => {
-            let (ty, capacity) = listing
-                .kind
-                .map(|(t, c)| (t.as_str_name(), c.to_string()))
-                .unwrap_or(("-", "-".to_string()));
+            let (ty, capacity) =
+                listing.kind.map(|(t, c)| (t.as_str_name(), c.to_string())).unwrap_or(("-", "-".to_string()));
             writeln!(
                 out,
                 "{:>7} {:>14} {:>17} {:>14} {:>14} {:>16} {:>12}",
-                "Record#", "VolCapBytes", "BlockMetadataType", "ByteOffset", "SizeBytes", "ByteOffset(hex)", "Size(hex)"
+                "Record#",
+                "VolCapBytes",
+                "BlockMetadataType",
+                "ByteOffset",
+                "SizeBytes",
+                "ByteOffset(hex)",
+                "Size(hex)"
             )?;
             writeln!(out, "{:->7} {:->14} {:->17} {:->14} {:->14} {:->16} {:->12}", "", "", "", "", "", "", "")?;
             for (n, r) in &listing.ranges {
@@ -282,9 +292,9 @@ fn print(listing: &Listing, format: Format) -> Result<()> {
                 volume_capacity_bytes: listing.kind.map(|(_, c)| c),
                 block_metadata: listing.ranges.iter().map(|(_, r)| r).collect(),
             };
-            serde_json::to_writer(&mut out, &json)?;
+            serde_json::to_writer(&mut *out, &json)?;
             writeln!(out)?;
         }
     }
-    out.flush().context("writing the listing")
+    Ok(())
 }
