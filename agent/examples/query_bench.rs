@@ -200,11 +200,12 @@ fn fabricate(args: &FabricateArgs) -> Result<()> {
     };
     // As the admin API does it: begin, seal, hi, seal, commit.
     let snapshot = |log: &mut ChangeLog, handle: &str, seal: &mut dyn FnMut(&mut ChangeLog, RoaringTreemap) -> Result<()>| -> Result<()> {
-        log.begin_cut(VOLUME)?;
+        let placement = log.placement(key, 0, capacity);
+        let cut = log.begin_cut(VOLUME, placement)?;
         seal(log, RoaringTreemap::new())?;
         let hi = log.now();
         seal(log, RoaringTreemap::new())?;
-        log.commit_snapshot(VOLUME, handle, key, 0, capacity, hi)?;
+        log.commit_snapshot(VOLUME, Some(cut), handle, placement, hi)?;
         Ok(())
     };
     seal(&mut log, RoaringTreemap::new())?; // registers the instance

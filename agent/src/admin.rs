@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    changelog::{lock, LogError, SharedLog, SnapshotInfo},
+    changelog::{lock, LogError, OpenCut, Placement, SharedLog, SnapshotInfo},
     recorder::{Recorder, RecorderError},
     volumes::{VolumeError, Volumes},
 };
@@ -17,9 +17,9 @@ pub mod proto {
 
 use proto::{
     admin_server::{Admin, AdminServer},
-    BeginSnapshotRequest, BeginSnapshotResponse, CommitSnapshotRequest, CommitSnapshotResponse,
-    DeleteSnapshotRequest, DeleteSnapshotResponse, ListSnapshotsRequest, ListSnapshotsResponse, StatusRequest,
-    StatusResponse,
+    AbortSnapshotRequest, AbortSnapshotResponse, BeginSnapshotRequest, BeginSnapshotResponse, CommitSnapshotRequest,
+    CommitSnapshotResponse, DeleteSnapshotRequest, DeleteSnapshotResponse, ListSnapshotsRequest, ListSnapshotsResponse,
+    StatusRequest, StatusResponse,
 };
 
 /// Builds the status JSON; runs on the recorder thread with the tracker.
@@ -35,6 +35,12 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(log: SharedLog, recorder: Arc<Recorder>, volumes: Volumes, status: StatusFn) -> AdminServer<Self> {
         AdminServer::new(Self { log, recorder, volumes, status })
+    }
+
+    /// Where `volume` is now, as the log names device instances.
+    fn placement(&self, volume: &str) -> Result<Placement, Status> {
+        let extent = self.volumes.locate(volume).map_err(volume_status)?;
+        Ok(lock(&self.log).placement(extent.disk.key, extent.offset_bytes, extent.size_bytes))
     }
 
     /// Runs a log operation (journal writes, fsync) off the async workers.
@@ -59,7 +65,15 @@ fn status(code: tonic::Code, message: String) -> Status {
 fn log_status(e: LogError) -> Status {
     use tonic::Code;
     match e {
-        LogError::NoCutBegun(_) => status(Code::FailedPrecondition, e.to_string()),
+        // The snapshot cannot be registered: a delta from or to it must be
+        // a full backup.
+        LogError::NoCutBegun(_)
+        | LogError::CutNotOpen { .. }
+        | LogError::CutsExpired(_)
+        | LogError::PlacementChanged { .. }
+        | LogError::PlacementUnknown(_) => status(Code::FailedPrecondition, e.to_string()),
+        LogError::CutOfAnotherVolume { .. } => status(Code::InvalidArgument, e.to_string()),
+        LogError::TooManyCuts { .. } => status(Code::ResourceExhausted, e.to_string()),
         LogError::SnapshotExists(_) => status(Code::AlreadyExists, e.to_string()),
         LogError::UnknownSnapshot(_) => status(Code::NotFound, e.to_string()),
         LogError::UnknownInstance(_) => status(Code::Unavailable, format!("{e}; retry in a second")),
@@ -95,6 +109,19 @@ pub fn snapshot_message(s: &SnapshotInfo) -> proto::Snapshot {
         window_hi: s.hi,
         capacity_bytes: s.capacity_bytes,
         committed_unix_ns: s.committed_unix_ns,
+        cut_id: s.cut_id.unwrap_or(0),
+    }
+}
+
+fn open_cut_message(c: &OpenCut, now: crate::changelog::Stamp) -> proto::OpenCut {
+    proto::OpenCut {
+        cut_id: c.id,
+        volume: c.volume.clone(),
+        device: c.placement.map(|p| p.instance.to_string()).unwrap_or_default(),
+        window_lo: c.lo,
+        capacity_bytes: c.placement.map_or(0, |p| p.capacity_bytes),
+        open_ns: now.saturating_sub(c.lo),
+        taken: c.taken,
     }
 }
 
@@ -105,15 +132,17 @@ impl Admin for AdminService {
         request: Request<BeginSnapshotRequest>,
     ) -> Result<Response<BeginSnapshotResponse>, Status> {
         let volume = request.into_inner().volume;
-        self.volumes.locate(&volume).map_err(volume_status)?;
+        // The device is the one the volume is on now, before the cut; a
+        // commit finding it elsewhere is refused.
+        let placement = self.placement(&volume)?;
         // Seal first, then open the window: the writes sealed here end
         // their segment before `lo`, so they stay out of deltas from this
         // snapshot (those still in flight are carried past it). The backend
         // cuts after this returns, so `lo` may be as late as now.
         self.recorder.seal().await.map_err(recorder_status)?;
         let name = volume.clone();
-        let cut_id = self.on_log(move |log| log.begin_cut(&name)).await?;
-        tracing::info!(volume, cut_id, "snapshot cut window opened");
+        let cut_id = self.on_log(move |log| log.begin_cut(&name, placement)).await?;
+        tracing::info!(volume, cut_id, %placement, "snapshot cut window opened");
         Ok(Response::new(BeginSnapshotResponse { cut_id }))
     }
 
@@ -121,20 +150,41 @@ impl Admin for AdminService {
         &self,
         request: Request<CommitSnapshotRequest>,
     ) -> Result<Response<CommitSnapshotResponse>, Status> {
-        let CommitSnapshotRequest { volume, handle } = request.into_inner();
+        let CommitSnapshotRequest { volume, handle, cut_id } = request.into_inner();
         validate_handle(&handle)?;
         // The snapshot exists now: the window closes here.
         let hi = lock(&self.log).now();
-        let extent = self.volumes.locate(&volume).map_err(volume_status)?;
+        let placement = self.placement(&volume)?;
         self.recorder.seal().await.map_err(recorder_status)?;
         let (name, id) = (volume.clone(), handle.clone());
-        let info = self
+        let (info, open_cuts) = self
             .on_log(move |log| {
-                log.commit_snapshot(&name, &id, extent.disk.key, extent.offset_bytes, extent.size_bytes, hi)
+                let info = log.commit_snapshot(&name, cut_id, &id, placement, hi)?;
+                let now = log.now();
+                let open = log.open_cuts().into_iter().filter(|c| c.volume == name).map(|c| open_cut_message(c, now));
+                Ok((info, open.collect::<Vec<_>>()))
             })
             .await?;
-        tracing::info!(volume, handle, lo = info.lo, hi = info.hi, "snapshot committed");
-        Ok(Response::new(CommitSnapshotResponse { snapshot: Some(snapshot_message(&info)) }))
+        tracing::info!(volume, handle, cut_id = info.cut_id, lo = info.lo, hi = info.hi, "snapshot committed");
+        let untaken: Vec<u64> = open_cuts.iter().filter(|c| !c.taken).map(|c| c.cut_id).collect();
+        if !untaken.is_empty() {
+            tracing::warn!(volume, ?untaken, "cuts of the volume still open after a commit");
+        }
+        Ok(Response::new(CommitSnapshotResponse { snapshot: Some(snapshot_message(&info)), open_cuts }))
+    }
+
+    async fn abort_snapshot(
+        &self,
+        request: Request<AbortSnapshotRequest>,
+    ) -> Result<Response<AbortSnapshotResponse>, Status> {
+        let AbortSnapshotRequest { volume, cut_id, all } = request.into_inner();
+        if cut_id.is_some() == all {
+            return Err(Status::invalid_argument("name one cut (cut_id) or all of the volume's (all), not both"));
+        }
+        let name = volume.clone();
+        let aborted = self.on_log(move |log| log.abort_cuts(&name, cut_id)).await?;
+        tracing::info!(volume, ?aborted, all, "snapshot cuts aborted");
+        Ok(Response::new(AbortSnapshotResponse { aborted }))
     }
 
     async fn delete_snapshot(
@@ -153,8 +203,11 @@ impl Admin for AdminService {
         &self,
         _request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        let snapshots = lock(&self.log).snapshots().map(snapshot_message).collect();
-        Ok(Response::new(ListSnapshotsResponse { snapshots }))
+        let log = lock(&self.log);
+        let snapshots = log.snapshots().map(snapshot_message).collect();
+        let now = log.now();
+        let open_cuts = log.open_cuts().into_iter().map(|c| open_cut_message(c, now)).collect();
+        Ok(Response::new(ListSnapshotsResponse { snapshots, open_cuts }))
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

@@ -15,7 +15,7 @@ mod record;
 mod segment;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, OnceLock},
 };
@@ -57,6 +57,37 @@ impl std::fmt::Display for InstanceId {
     }
 }
 
+/// Where a volume lay: its device instance and its extent on that disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub instance: InstanceId,
+    /// Where the volume starts on the disk (partitions), and its size.
+    pub offset_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, {} B from byte {}", self.instance, self.capacity_bytes, self.offset_bytes)
+    }
+}
+
+/// A snapshot's cut window from `snapshot begin` until the commit that
+/// closes it (or an abort, or expiry): its own identity the whole time
+/// (contract §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpenCut {
+    pub id: u64,
+    pub volume: String,
+    pub lo: Stamp,
+    /// Where the volume was at begin; `None` only for a cut an older agent
+    /// began, which can never be committed.
+    pub placement: Option<Placement>,
+    /// A commit naming no cut took its place (see
+    /// [`ChangeLog::commit_snapshot`]): only a commit naming it closes it.
+    pub taken: bool,
+}
+
 /// A registered snapshot and its cut window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
@@ -71,6 +102,10 @@ pub struct SnapshotInfo {
     pub offset_bytes: u64,
     pub capacity_bytes: u64,
     pub committed_unix_ns: u64,
+    /// The cut its commit named, or took when it named none (absent in
+    /// older journals).
+    #[serde(default)]
+    pub cut_id: Option<u64>,
 }
 
 /// A gap as the log keeps it: on the timeline, per instance or for all.
@@ -110,6 +145,29 @@ pub enum LogError {
     BootId(std::io::Error),
     #[error("volume {0:?} has no snapshot begun: call `snapshot begin` first")]
     NoCutBegun(String),
+    #[error("cut {cut} is not open: {detail}")]
+    CutNotOpen { cut: u64, detail: String },
+    #[error("cut {cut} was begun for volume {begun:?}, not {volume:?}")]
+    CutOfAnotherVolume { cut: u64, begun: String, volume: String },
+    #[error(
+        "a cut of volume {0:?} expired uncommitted, so a commit that names no cut may be that cut's and its window \
+         unknown: name the cut `snapshot begin` returned (--cut), or, once no client holds a cut of it, abort them all \
+         (`snapshot abort {0} --all`)"
+    )]
+    CutsExpired(String),
+    #[error(
+        "cut {cut} of volume {volume:?} began with the volume on {begun}, but it is now on {now}: the snapshot's \
+         device is unknown, take a full backup (and abort the cut)"
+    )]
+    PlacementChanged { cut: u64, volume: String, begun: Placement, now: Placement },
+    #[error("cut {0} was begun by an older agent that did not record the volume's device: begin again")]
+    PlacementUnknown(u64),
+    #[error(
+        "volume {volume:?} already has {open} untaken open cuts: commit or abort them (`snapshot cuts` lists them)"
+    )]
+    TooManyCuts { volume: String, open: usize },
+    #[error("drawing a cut id: {0}")]
+    CutId(getrandom::Error),
     #[error("snapshot {0:?} already exists")]
     SnapshotExists(String),
     #[error("snapshot {0:?} is not known")]
@@ -155,9 +213,13 @@ pub struct ChangeLog {
     instances: BTreeMap<InstanceId, InstanceLog>,
     gaps: Vec<GapInfo>,
     snapshots: BTreeMap<String, SnapshotInfo>,
-    /// Volume → (cut id, lo) of the snapshot begun and not yet committed.
-    cuts: HashMap<String, (u64, Stamp)>,
-    next_cut_id: u64,
+    /// Open cut windows by id. Ids are random, so one never names another
+    /// cut, even after the journal lost the records of earlier ones.
+    cuts: BTreeMap<u64, OpenCut>,
+    /// Volumes with a cut that expired uncommitted (see `CutsExpired`).
+    expired_cuts: BTreeSet<String>,
+    /// How long a cut may stay open.
+    cut_ttl: Stamp,
     /// Start of the open segment: the previous seal's cut.
     last_cut: Stamp,
     /// The latest durable seal's capture checkpoint.
@@ -178,6 +240,19 @@ const COMPACT_SLACK_BYTES: u64 = 64 << 20;
 /// chunk against 2.0 B compacted, bench/results/query.md), and a delta
 /// unites every segment in its window.
 const COMPACT_AFTER_SEALS: u64 = 128;
+/// A cut not committed within this long is abandoned: a begin whose client
+/// went away must not hold its window open, and refuse commits that name no
+/// cut, forever. Far longer than any backend takes to cut (the commit comes
+/// as soon as the snapshot exists). Agent uptime: the timeline does not
+/// count time the agent was down.
+pub const CUT_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Untaken open cuts per volume: a client retrying begin in a loop is
+/// refused before it grows the log without bound.
+pub const MAX_OPEN_CUTS: usize = 64;
+/// Taken cuts kept per volume for clients that may still commit them by
+/// id (the oldest goes first). Every commit naming no cut leaves one, most
+/// often its own.
+pub const MAX_TAKEN_CUTS: usize = 64;
 
 fn boot_id() -> Result<String, LogError> {
     crate::devices::boot_id().map_err(LogError::BootId)
@@ -229,8 +304,9 @@ impl ChangeLog {
             instances: BTreeMap::new(),
             gaps: Vec::new(),
             snapshots: BTreeMap::new(),
-            cuts: HashMap::new(),
-            next_cut_id: 1,
+            cuts: BTreeMap::new(),
+            expired_cuts: BTreeSet::new(),
+            cut_ttl: CUT_TTL.as_nanos() as Stamp,
             last_cut: 0,
             checkpoint: None,
             recovery: None,
@@ -378,13 +454,28 @@ impl ChangeLog {
             }
             Record::Gap { instance, from, to, reason } => self.gaps.push(GapInfo { instance, from, to, reason }),
             Record::GapClosed { instance, at } => self.close_gaps(instance, at),
-            Record::CutBegun { volume, cut_id, lo } => {
-                self.next_cut_id = self.next_cut_id.max(cut_id + 1);
-                self.cuts.insert(volume, (cut_id, lo));
+            Record::CutBegun { volume, cut_id, lo, placement, taken } => {
+                if placement.is_none() {
+                    // An older agent: its next begin replaced a volume's cut.
+                    self.cuts.retain(|_, c| c.volume != volume || c.placement.is_some());
+                }
+                self.cuts.insert(cut_id, OpenCut { id: cut_id, volume, lo, placement, taken });
+            }
+            Record::Committed { snapshot, closes, takes } => self.apply_commit(snapshot, closes, takes),
+            Record::CutAbandoned { volume, cut_id, expired, .. } => {
+                self.cuts.remove(&cut_id);
+                if expired {
+                    self.expired_cuts.insert(volume);
+                }
+            }
+            Record::CutsCleared { volume, .. } => {
+                self.cuts.retain(|_, c| c.volume != volume);
+                self.expired_cuts.remove(&volume);
             }
             Record::Snapshot(info) => {
-                if self.cuts.get(&info.volume).is_some_and(|&(_, lo)| lo == info.lo) {
-                    self.cuts.remove(&info.volume);
+                if info.cut_id.is_none() {
+                    // An older agent's commit: it closed the volume's cut.
+                    self.cuts.retain(|_, c| c.volume != info.volume || c.lo != info.lo);
                 }
                 self.snapshots.insert(info.handle.clone(), info);
             }
@@ -416,6 +507,11 @@ impl ChangeLog {
 
     pub fn instance_id(&self, key: DeviceKey) -> InstanceId {
         InstanceId { boot: self.boot, dev: key.dev, diskseq: key.diskseq }
+    }
+
+    /// A volume found on `key` now, at `offset_bytes`, `capacity_bytes` long.
+    pub fn placement(&self, key: DeviceKey, offset_bytes: u64, capacity_bytes: u64) -> Placement {
+        Placement { instance: self.instance_id(key), offset_bytes, capacity_bytes }
     }
 
     /// Returns whether a sealed segment changed.
@@ -479,6 +575,9 @@ impl ChangeLog {
 
     /// Turns a tracker seal into segments and makes it durable.
     pub fn apply_seal(&mut self, seal: Seal) -> Result<(), LogError> {
+        // Here too, not only at begin and commit: an abandoned cut must
+        // expire even when no client calls again.
+        self.expire_cuts()?;
         let cut = self.stamp(seal.cut_ns);
         let end = self.stamp(seal.end_ns);
         let start = self.last_cut;
@@ -541,57 +640,217 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// The start of a snapshot's cut window for `volume`: call before the
-    /// backend cuts. Returns the cut id.
-    pub fn begin_cut(&mut self, volume: &str) -> Result<u64, LogError> {
-        let cut_id = self.next_cut_id;
-        self.next_cut_id += 1;
+    /// Opens a snapshot's cut window for `volume`, which is at `placement`
+    /// now: call before the backend cuts. Returns the cut's id; other cuts
+    /// of the volume stay open as they were.
+    pub fn begin_cut(&mut self, volume: &str, placement: Placement) -> Result<u64, LogError> {
+        self.expire_cuts()?;
+        let open = self.cuts.values().filter(|c| c.volume == volume && !c.taken).count();
+        if open >= MAX_OPEN_CUTS {
+            return Err(LogError::TooManyCuts { volume: volume.to_string(), open });
+        }
+        let id = loop {
+            // 53 bits: exact in every JSON reader.
+            let id = getrandom::u64().map_err(LogError::CutId)? & ((1 << 53) - 1);
+            if id != 0 && !self.cuts.contains_key(&id) {
+                break id;
+            }
+        };
         let lo = self.now();
-        self.append(&Record::CutBegun { volume: volume.to_string(), cut_id, lo })?;
+        let placement = Some(placement);
+        self.append(&Record::CutBegun { volume: volume.to_string(), cut_id: id, lo, placement, taken: false })?;
         self.journal.sync()?;
-        self.cuts.insert(volume.to_string(), (cut_id, lo));
-        Ok(cut_id)
+        self.cuts.insert(id, OpenCut { id, volume: volume.to_string(), lo, placement, taken: false });
+        Ok(id)
     }
 
-    /// Registers the snapshot whose cut began with [`Self::begin_cut`];
-    /// `hi` is when it was known to exist. A seal at or after `hi` must have
-    /// been applied first.
-    #[allow(clippy::too_many_arguments)]
+    /// The open cuts, earliest first.
+    pub fn open_cuts(&self) -> Vec<&OpenCut> {
+        let mut cuts: Vec<&OpenCut> = self.cuts.values().collect();
+        cuts.sort_by_key(|c| (c.lo, c.id));
+        cuts
+    }
+
+    /// Registers the snapshot `handle` of `volume`, found at `placement` now;
+    /// `hi` is when the snapshot was known to exist. A seal at or after `hi`
+    /// must have been applied first. A refusal changes nothing (a retried
+    /// commit must find its cut again).
+    ///
+    /// With `cut`, the window is that cut's and the cut closes. Without, the
+    /// window starts at the volume's EARLIEST untaken cut and the LATEST
+    /// untaken cut is *taken*: it stops counting here, though a client
+    /// naming it may still commit it (and then, its place already gone, it
+    /// takes the latest untaken cut in turn). Whatever order clients begin
+    /// and commit in (retried begins, overlapping snapshots, some naming
+    /// their cut), each that names none gets a window opened no later than
+    /// its own begin: for every moment t, the untaken cuts begun by t are
+    /// never fewer than the clients begun by t still to commit
+    /// (docs/changelog.md has the argument). Only an expiry removes an
+    /// untaken cut while its client may still come, so a volume with such
+    /// an expiry refuses commits that name no cut.
     pub fn commit_snapshot(
         &mut self,
         volume: &str,
+        cut: Option<u64>,
         handle: &str,
-        key: DeviceKey,
-        offset_bytes: u64,
-        capacity_bytes: u64,
+        placement: Placement,
         hi: Stamp,
     ) -> Result<SnapshotInfo, LogError> {
         if self.snapshots.contains_key(handle) {
             return Err(LogError::SnapshotExists(handle.to_string()));
         }
-        let &(_, lo) = self.cuts.get(volume).ok_or_else(|| LogError::NoCutBegun(volume.to_string()))?;
+        self.expire_cuts()?;
+        let untaken: Vec<&OpenCut> = self.open_cuts().into_iter().filter(|c| c.volume == volume && !c.taken).collect();
+        // The cuts whose placement must be the volume's now, the window's
+        // start, and what the commit closes and takes.
+        let (checked, lo, closes, takes) = match cut {
+            Some(id) => {
+                let Some(c) = self.cuts.get(&id) else {
+                    let detail = match self.snapshots.values().find(|s| s.cut_id == Some(id)) {
+                        Some(s) => format!("it was committed as snapshot {:?}", truncate(&s.handle, 64)),
+                        None => "it was aborted or expired, or never begun here".to_string(),
+                    };
+                    return Err(LogError::CutNotOpen { cut: id, detail });
+                };
+                if c.volume != volume {
+                    return Err(LogError::CutOfAnotherVolume {
+                        cut: id,
+                        begun: c.volume.clone(),
+                        volume: volume.to_string(),
+                    });
+                }
+                let takes = if c.taken { untaken.last().map(|l| l.id) } else { None };
+                (vec![c], c.lo, Some(id), takes)
+            }
+            None => {
+                let (Some(&earliest), Some(&latest)) = (untaken.first(), untaken.last()) else {
+                    return Err(LogError::NoCutBegun(volume.to_string()));
+                };
+                if self.expired_cuts.contains(volume) {
+                    return Err(LogError::CutsExpired(volume.to_string()));
+                }
+                (vec![earliest, latest], earliest.lo, None, Some(latest.id))
+            }
+        };
+        // The same instance at both ends: a diskseq never comes back, so it
+        // held the volume throughout.
+        for c in checked {
+            match c.placement {
+                None => return Err(LogError::PlacementUnknown(c.id)),
+                Some(begun) if begun != placement => {
+                    return Err(LogError::PlacementChanged {
+                        cut: c.id,
+                        volume: volume.to_string(),
+                        begun,
+                        now: placement,
+                    })
+                }
+                Some(_) => {}
+            }
+        }
         if self.last_cut < hi {
             return Err(LogError::NotSealed { cut: self.last_cut, hi });
         }
-        let instance = self.instance_id(key);
-        if !self.instances.contains_key(&instance) {
-            return Err(LogError::UnknownInstance(instance));
+        if !self.instances.contains_key(&placement.instance) {
+            return Err(LogError::UnknownInstance(placement.instance));
         }
         let info = SnapshotInfo {
             handle: handle.to_string(),
             volume: volume.to_string(),
-            instance,
+            instance: placement.instance,
             lo,
             hi,
-            offset_bytes,
-            capacity_bytes,
+            offset_bytes: placement.offset_bytes,
+            capacity_bytes: placement.capacity_bytes,
             committed_unix_ns: unix_ns(),
+            cut_id: closes.or(takes),
         };
-        self.append(&Record::Snapshot(info.clone()))?;
+        self.append(&Record::Committed { snapshot: info.clone(), closes, takes })?;
         self.journal.sync()?;
-        self.cuts.remove(volume);
-        self.snapshots.insert(handle.to_string(), info.clone());
+        self.apply_commit(info.clone(), closes, takes);
         Ok(info)
+    }
+
+    fn apply_commit(&mut self, info: SnapshotInfo, closes: Option<u64>, takes: Option<u64>) {
+        if let Some(id) = closes {
+            self.cuts.remove(&id);
+        }
+        if let Some(cut) = takes.and_then(|id| self.cuts.get_mut(&id)) {
+            cut.taken = true;
+        }
+        // Replayed alike, so no record of its own.
+        let taken = self.open_cuts().into_iter().filter(|c| c.volume == info.volume && c.taken).map(|c| c.id);
+        let taken: Vec<u64> = taken.collect();
+        for id in &taken[..taken.len().saturating_sub(MAX_TAKEN_CUTS)] {
+            self.cuts.remove(id);
+        }
+        self.snapshots.insert(info.handle.clone(), info);
+    }
+
+    /// Closes open cuts of `volume` without a snapshot: `cut`, or all of
+    /// them (which also lets commits that name no cut through again after
+    /// an expiry: the caller says no client still holds one). Returns the
+    /// ids closed.
+    pub fn abort_cuts(&mut self, volume: &str, cut: Option<u64>) -> Result<Vec<u64>, LogError> {
+        let at = self.now();
+        match cut {
+            Some(id) => {
+                let c = self.cuts.get(&id).ok_or_else(|| LogError::CutNotOpen {
+                    cut: id,
+                    detail: "it was committed, aborted or expired, or never begun here".into(),
+                })?;
+                if c.volume != volume {
+                    return Err(LogError::CutOfAnotherVolume {
+                        cut: id,
+                        begun: c.volume.clone(),
+                        volume: volume.to_string(),
+                    });
+                }
+                let reason = "aborted".to_string();
+                self.append(&Record::CutAbandoned {
+                    volume: volume.to_string(),
+                    cut_id: id,
+                    at,
+                    reason,
+                    expired: false,
+                })?;
+                self.journal.sync()?;
+                self.cuts.remove(&id);
+                Ok(vec![id])
+            }
+            None => {
+                self.append(&Record::CutsCleared { volume: volume.to_string(), at })?;
+                self.journal.sync()?;
+                let ids: Vec<u64> = self.open_cuts().iter().filter(|c| c.volume == volume).map(|c| c.id).collect();
+                self.cuts.retain(|_, c| c.volume != volume);
+                self.expired_cuts.remove(volume);
+                Ok(ids)
+            }
+        }
+    }
+
+    /// Abandons the cuts open longer than the TTL.
+    fn expire_cuts(&mut self) -> Result<(), LogError> {
+        let now = self.now();
+        let stale: Vec<u64> =
+            self.cuts.values().filter(|c| now.saturating_sub(c.lo) > self.cut_ttl).map(|c| c.id).collect();
+        for &id in &stale {
+            let volume = self.cuts[&id].volume.clone();
+            let reason = format!("not committed within {} s", self.cut_ttl / 1_000_000_000);
+            tracing::warn!(cut = id, volume, "snapshot cut {reason}: abandoned");
+            // A taken cut's client, if it ever commits, must name it: no
+            // commit naming none can be its.
+            let expired = !self.cuts[&id].taken;
+            self.append(&Record::CutAbandoned { volume: volume.clone(), cut_id: id, at: now, reason, expired })?;
+            self.cuts.remove(&id);
+            if expired {
+                self.expired_cuts.insert(volume);
+            }
+        }
+        if !stale.is_empty() {
+            self.journal.sync()?;
+        }
+        Ok(())
     }
 
     pub fn delete_snapshot(&mut self, handle: &str) -> Result<(), LogError> {
@@ -638,7 +897,7 @@ impl ChangeLog {
                 b.volume, t.volume
             )));
         }
-        if b.lo > t.lo {
+        if b.lo > t.hi {
             return Err(QueryError::InvalidArgument(format!("base {base:?} was taken after target {target:?}")));
         }
         if b.instance != t.instance || b.offset_bytes != t.offset_bytes {
@@ -651,7 +910,9 @@ impl ChangeLog {
             .instances
             .get(&t.instance)
             .ok_or_else(|| QueryError::FailedPrecondition(format!("no record of device {}", t.instance)))?;
-        let (lo, hi) = (b.lo, t.hi);
+        // Overlapping windows may have been cut in either order: the
+        // changes between the cuts lie within the union of the windows.
+        let (lo, hi) = (b.lo.min(t.lo), b.hi.max(t.hi));
         if log.tracked_since > lo {
             return Err(QueryError::FailedPrecondition(format!(
                 "tracking of device {} began after base snapshot {base:?} was cut",
@@ -686,11 +947,17 @@ impl ChangeLog {
         for s in self.snapshots.values() {
             cuts_by_instance.entry(s.instance).or_default().push((s.lo, s.hi));
         }
-        for &(_, lo) in self.cuts.values() {
+        for cut in self.cuts.values() {
             // A snapshot being cut: its window starts at lo and its hi will
             // be later than anything recorded now.
-            for id in self.instances.keys() {
-                cuts_by_instance.entry(*id).or_default().push((lo, Stamp::MAX));
+            let window = (cut.lo, Stamp::MAX);
+            match cut.placement {
+                Some(p) => cuts_by_instance.entry(p.instance).or_default().push(window),
+                None => {
+                    for id in self.instances.keys() {
+                        cuts_by_instance.entry(*id).or_default().push(window);
+                    }
+                }
             }
         }
         for (id, log) in self.instances.iter_mut() {
@@ -738,11 +1005,18 @@ impl ChangeLog {
         for g in &self.gaps {
             push(Record::Gap { instance: g.instance, from: g.from, to: g.to, reason: g.reason.clone() })?;
         }
-        for (volume, &(cut_id, lo)) in &self.cuts {
-            push(Record::CutBegun { volume: volume.clone(), cut_id, lo })?;
-        }
+        // Snapshots before cuts: an older agent's snapshot closes a cut on
+        // replay, which must not be one of these.
         for s in self.snapshots.values() {
             push(Record::Snapshot(s.clone()))?;
+        }
+        for c in self.cuts.values() {
+            let (volume, cut_id, lo, placement, taken) = (c.volume.clone(), c.id, c.lo, c.placement, c.taken);
+            push(Record::CutBegun { volume, cut_id, lo, placement, taken })?;
+        }
+        for volume in &self.expired_cuts {
+            let (at, reason) = (self.last_cut, "expired".to_string());
+            push(Record::CutAbandoned { volume: volume.clone(), cut_id: 0, at, reason, expired: true })?;
         }
         Ok(out)
     }
@@ -817,8 +1091,17 @@ fn record_stamp(record: &Record) -> Stamp {
         Record::Gap { from, .. } => *from,
         Record::GapClosed { at, .. } => *at,
         Record::CutBegun { lo, .. } => *lo,
-        Record::Snapshot(s) => s.hi,
+        Record::CutAbandoned { at, .. } | Record::CutsCleared { at, .. } => *at,
+        Record::Snapshot(s) | Record::Committed { snapshot: s, .. } => s.hi,
         Record::SnapshotDeleted { .. } => 0,
+    }
+}
+
+/// At most `max` characters of `s`, for messages that echo client input.
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
     }
 }
 

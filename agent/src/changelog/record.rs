@@ -5,7 +5,7 @@
 use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
 
-use super::{InstanceId, SnapshotInfo, Stamp};
+use super::{InstanceId, Placement, SnapshotInfo, Stamp};
 use crate::tracker::Checkpoint;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,7 +31,36 @@ pub enum Record {
     /// The open gaps of `instance` end at `at`: it was seen with nothing
     /// pending from before capture.
     GapClosed { instance: InstanceId, at: Stamp },
-    CutBegun { volume: String, cut_id: u64, lo: Stamp },
+    /// A snapshot's cut window opened at `lo` for `volume`, which then was
+    /// `placement`. Several cuts of one volume may be open at once; each
+    /// stays open until a commit names it, it is aborted or it expires.
+    /// Written without `placement` by agents that kept one cut per volume
+    /// (a later one replaced it). `taken` only in compacted state (see
+    /// `Committed`).
+    CutBegun {
+        volume: String,
+        cut_id: u64,
+        lo: Stamp,
+        #[serde(default)]
+        placement: Option<Placement>,
+        #[serde(default)]
+        taken: bool,
+    },
+    /// The open cut `cut_id` closed without a snapshot: aborted, or
+    /// uncommitted for too long. `expired`: an untaken cut expired, so
+    /// `volume` refuses commits that name no cut (its client may be one);
+    /// `cut_id` 0 (never issued) restores only that.
+    CutAbandoned { volume: String, cut_id: u64, at: Stamp, reason: String, expired: bool },
+    /// Every open cut of `volume` closed at once, and its expiries
+    /// forgotten: an operator said no client still holds one.
+    CutsCleared { volume: String, at: Stamp },
+    /// A snapshot committed: the cut `closes` (named by the commit) is
+    /// closed; the cut `takes` is *taken*: it no longer counts towards the
+    /// windows of commits that name no cut, but its client may still commit
+    /// it by id.
+    Committed { snapshot: SnapshotInfo, closes: Option<u64>, takes: Option<u64> },
+    /// A snapshot, as compaction writes it and as older agents wrote every
+    /// commit (those, without a cut id, closed their volume's one cut).
     Snapshot(SnapshotInfo),
     SnapshotDeleted { handle: String },
     /// The agent stopped after its final seal.

@@ -79,13 +79,31 @@ impl Fixture {
         self.log.settle(key(), monotonic_ns()).unwrap();
     }
 
-    /// begin, (writes sealed by the snapshot's own seal), commit.
-    fn snapshot(&mut self, handle: &str, in_window: &[u64]) {
-        self.log.begin_cut(VOLUME).unwrap();
-        self.seal(in_window);
+    /// Where the test volume is: all of the test device.
+    fn placement(&self) -> Placement {
+        self.log.placement(key(), 0, CAPACITY)
+    }
+
+    fn begin(&mut self) -> u64 {
+        self.log.begin_cut(VOLUME, self.placement()).unwrap()
+    }
+
+    /// A commit as the admin API makes it: hi, a seal, commit.
+    fn commit(&mut self, handle: &str, cut: Option<u64>) -> Result<SnapshotInfo, LogError> {
         let hi = self.log.now();
         self.seal(&[]);
-        self.log.commit_snapshot(VOLUME, handle, key(), 0, CAPACITY, hi).unwrap();
+        self.log.commit_snapshot(VOLUME, cut, handle, self.placement(), hi)
+    }
+
+    /// begin, (writes sealed by the snapshot's own seal), commit.
+    fn snapshot(&mut self, handle: &str, in_window: &[u64]) {
+        let cut = self.begin();
+        self.seal(in_window);
+        self.commit(handle, Some(cut)).unwrap();
+    }
+
+    fn open_cuts(&self) -> Vec<OpenCut> {
+        self.log.open_cuts().into_iter().cloned().collect()
     }
 
     fn delta(&self, base: &str, target: &str) -> Result<Vec<u64>, QueryError> {
@@ -136,14 +154,21 @@ fn refusals_carry_the_right_error() {
     f.snapshot("b", &[]);
     assert!(matches!(f.delta("a", "nope"), Err(QueryError::NotFound(_))));
     assert!(matches!(f.delta("b", "a"), Err(QueryError::InvalidArgument(_))), "wrong order");
-    f.log.begin_cut("other").unwrap();
+    let other = f.log.begin_cut("other", f.placement()).unwrap();
     f.seal(&[]);
     let hi = f.log.now();
     f.seal(&[]);
-    f.log.commit_snapshot("other", "o", key(), 0, CAPACITY, hi).unwrap();
+    f.log.commit_snapshot("other", Some(other), "o", f.placement(), hi).unwrap();
     assert!(matches!(f.delta("a", "o"), Err(QueryError::InvalidArgument(_))), "another volume");
-    assert!(matches!(f.log.commit_snapshot(VOLUME, "a", key(), 0, CAPACITY, hi), Err(LogError::SnapshotExists(_))));
-    assert!(matches!(f.log.commit_snapshot(VOLUME, "z", key(), 0, CAPACITY, hi), Err(LogError::NoCutBegun(_))));
+    assert!(matches!(f.commit("a", None), Err(LogError::SnapshotExists(_))));
+    assert!(matches!(f.commit("z", None), Err(LogError::NoCutBegun(_))));
+    match f.commit("z", Some(other)) {
+        Err(LogError::CutNotOpen { detail, .. }) => assert!(detail.contains("\"o\""), "{detail}"),
+        r => panic!("a committed cut named again: {r:?}"),
+    }
+    let theirs = f.log.begin_cut("other", f.placement()).unwrap();
+    assert!(matches!(f.commit("z", Some(theirs)), Err(LogError::CutOfAnotherVolume { .. })), "another volume's cut");
+    assert!(matches!(f.commit("z", Some(12345)), Err(LogError::CutNotOpen { .. })));
 }
 
 #[test]
@@ -306,11 +331,12 @@ fn no_answer_until_nothing_from_before_capture_can_land() {
         f.log.apply_seal(Seal { cut_ns, end_ns: monotonic_ns(), changes, checkpoint: None }).unwrap();
     };
     let snapshot = |f: &mut Fixture, handle: &str| {
-        f.log.begin_cut("busy").unwrap();
+        let placement = f.log.placement(busy, 0, CAPACITY);
+        let cut = f.log.begin_cut("busy", placement).unwrap();
         seal_busy(f, None);
         let hi = f.log.now();
         seal_busy(f, None);
-        f.log.commit_snapshot("busy", handle, busy, 0, CAPACITY, hi).unwrap();
+        f.log.commit_snapshot("busy", Some(cut), handle, placement, hi).unwrap();
     };
     seal_busy(&mut f, None);
     snapshot(&mut f, "x1");
@@ -319,11 +345,12 @@ fn no_answer_until_nothing_from_before_capture_can_land() {
     // Proven now: later pairs answer, earlier ones never will.
     seal_busy(&mut f, Some(monotonic_ns()));
     let proven_seal = |f: &mut Fixture, handle: &str| {
-        f.log.begin_cut("busy").unwrap();
+        let placement = f.log.placement(busy, 0, CAPACITY);
+        let cut = f.log.begin_cut("busy", placement).unwrap();
         seal_busy(f, Some(0));
         let hi = f.log.now();
         seal_busy(f, Some(0));
-        f.log.commit_snapshot("busy", handle, busy, 0, CAPACITY, hi).unwrap();
+        f.log.commit_snapshot("busy", Some(cut), handle, placement, hi).unwrap();
     };
     proven_seal(&mut f, "x3");
     proven_seal(&mut f, "x4");
@@ -417,4 +444,365 @@ fn a_run_killed_before_its_first_seal_gaps_from_the_checkpoint_it_took_over() {
         downtime.from <= checkpoint_cut,
         "the gap must reach back to the checkpoint's cut ({checkpoint_cut}), not the resumed run's start: {downtime:?}"
     );
+}
+
+/// The scenario: a begin retried after the cut must not move the
+/// window's start past the writes made since.
+#[test]
+fn a_retried_begin_keeps_the_first_window() {
+    for name_the_cut in [false, true] {
+        let mut f = Fixture::new();
+        f.settle();
+        let first = f.begin();
+        let first_lo = f.open_cuts()[0].lo;
+        f.seal(&[]); // the backend cuts here
+        f.seal(&[5]);
+        f.settle();
+        let retried = f.begin();
+        assert_ne!(first, retried);
+        let a = f.commit("a", name_the_cut.then_some(first)).unwrap();
+        assert_eq!(a.lo, first_lo, "the window starts at the first begin");
+        f.snapshot("b", &[]);
+        assert_eq!(f.delta("a", "b").unwrap(), vec![5], "written after the cut, before the retried begin");
+        // The other begin stays open until it is committed or aborted:
+        // untaken (it will open the next window of a commit naming no cut)
+        // or, when that commit took it, taken.
+        let open: Vec<(u64, bool)> = f.open_cuts().iter().map(|c| (c.id, c.taken)).collect();
+        let expected = if name_the_cut { vec![(retried, false)] } else { vec![(first, false), (retried, true)] };
+        assert_eq!(open, expected);
+        f.log.abort_cuts(VOLUME, None).unwrap();
+        assert!(f.open_cuts().is_empty());
+    }
+}
+
+/// Two snapshots of one volume cut at once, committed in either order:
+/// each keeps its own window, and a delta between them covers every change
+/// between the cuts whichever was cut first.
+#[test]
+fn overlapping_cuts_commit_in_either_order() {
+    for first_begun_commits_first in [true, false] {
+        let mut f = Fixture::new();
+        f.seal(&[1]);
+        f.settle();
+        let c1 = f.begin();
+        f.seal(&[2]);
+        f.settle();
+        let c2 = f.begin();
+        f.seal(&[3]);
+        f.settle();
+        let (early, late) = if first_begun_commits_first { ((c1, "s1"), (c2, "s2")) } else { ((c2, "s2"), (c1, "s1")) };
+        let one = f.commit(early.1, Some(early.0)).unwrap();
+        f.seal(&[4]);
+        f.settle();
+        let two = f.commit(late.1, Some(late.0)).unwrap();
+        assert_eq!((one.cut_id, two.cut_id), (Some(early.0), Some(late.0)));
+        f.snapshot("end", &[9]);
+        let (s1, s2) = (f.log.snapshot("s1").unwrap().clone(), f.log.snapshot("s2").unwrap().clone());
+        assert!(s1.lo < s2.lo, "each cut keeps the lo of its own begin");
+        // 1 was settled before either window; 2 only before s2's; 4 came
+        // after the first commit, before the second: within the later
+        // window, so possibly in either snapshot.
+        assert_eq!(f.delta("s1", "end").unwrap(), vec![2, 3, 4, 9]);
+        assert_eq!(f.delta("s2", "end").unwrap(), vec![3, 4, 9]);
+        assert_eq!(f.delta("s1", "s2").unwrap(), vec![2, 3, 4], "whichever was cut first");
+        assert!(f.open_cuts().is_empty());
+    }
+}
+
+/// Clients that name no cut, interleaved at random with clients that do,
+/// retried begins and abandoned ones: every commit's window opens no later
+/// than that client's own begin.
+#[test]
+fn commits_without_a_cut_id_never_open_later_than_their_begin() {
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut f = Fixture::new();
+    // Client → (its latest begin's lo, names its cut?, cut id).
+    let mut pending: Vec<(Stamp, bool, u64)> = Vec::new();
+    // Cuts no client will commit, oldest first.
+    let mut abandoned: Vec<u64> = Vec::new();
+    let mut committed = 0;
+    for step in 0..1000 {
+        let begin = pending.len() < 8 && (pending.is_empty() || rng.bool());
+        if begin {
+            let cut = f.begin();
+            let lo = f.open_cuts().iter().find(|c| c.id == cut).unwrap().lo;
+            if rng.u8(..20) == 0 {
+                // A retried begin: the client only learns the second id.
+                abandoned.push(cut);
+                let again = f.begin();
+                let lo = f.open_cuts().iter().find(|c| c.id == again).unwrap().lo;
+                pending.push((lo, rng.bool(), again));
+            } else if rng.u8(..20) == 0 {
+                abandoned.push(cut);
+            } else {
+                pending.push((lo, rng.bool(), cut));
+            }
+            // An operator aborts old abandoned cuts soon (a commit naming
+            // no cut may have taken one already): few spare cuts, so a
+            // wrong choice of cut shows.
+            if abandoned.len() > 2 {
+                let old = abandoned.remove(0);
+                if f.open_cuts().iter().any(|c| c.id == old) {
+                    f.log.abort_cuts(VOLUME, Some(old)).unwrap();
+                }
+            }
+        } else {
+            let (lo, named, cut) = pending.swap_remove(rng.usize(..pending.len()));
+            let handle = format!("s{step}");
+            let info =
+                f.commit(&handle, named.then_some(cut)).unwrap_or_else(|e| panic!("seed {seed}, step {step}: {e}"));
+            assert!(
+                info.lo <= lo,
+                "seed {seed}, step {step}: window opened at {} after the client's begin at {lo}",
+                info.lo
+            );
+            committed += 1;
+        }
+    }
+    assert!(committed > 300, "{committed}");
+}
+
+/// Every open cut, with its id, lo and placement, survives a restart and a
+/// compaction; so do the snapshots naming the cuts they closed.
+#[test]
+fn replay_keeps_every_open_cut() {
+    let mut f = Fixture::new();
+    let c1 = f.begin();
+    let c2 = f.begin();
+    let partition = f.log.placement(key(), 1 << 20, CAPACITY / 2);
+    let c3 = f.log.begin_cut("part", partition).unwrap();
+    let c4 = f.begin();
+    f.commit("s2", Some(c2)).unwrap();
+    let before = f.open_cuts();
+    assert_eq!(before.iter().map(|c| c.id).collect::<Vec<_>>(), vec![c1, c3, c4]);
+    f.reopen();
+    assert_eq!(f.open_cuts(), before, "restart");
+    f.log.compact().unwrap();
+    f.reopen();
+    assert_eq!(f.open_cuts(), before, "compaction and restart");
+    assert_eq!(f.log.snapshot("s2").unwrap().cut_id, Some(c2));
+    // They commit as before the restart (the restart's downtime is a gap
+    // for their deltas, which is another matter).
+    let s1 = f.commit("s1", Some(c1)).unwrap();
+    assert_eq!(s1.lo, before[0].lo);
+    let hi = f.log.now();
+    f.seal(&[]);
+    assert!(f.log.commit_snapshot("part", Some(c3), "p", partition, hi).is_ok());
+    assert_eq!(f.open_cuts().iter().map(|c| c.id).collect::<Vec<_>>(), vec![c4]);
+}
+
+/// A journal an older agent wrote (one cut per volume, replaced by the
+/// next begin, snapshots without cut ids) still loads, answers as before,
+/// and its leftover cut is refused rather than committed on a guessed
+/// device.
+#[test]
+fn an_older_agents_cuts_load() {
+    #[derive(Serialize)]
+    enum OldRecord {
+        CutBegun { volume: String, cut_id: u64, lo: Stamp },
+        Snapshot(OldSnapshot),
+    }
+    #[derive(Serialize)]
+    struct OldSnapshot {
+        handle: String,
+        volume: String,
+        instance: InstanceId,
+        lo: Stamp,
+        hi: Stamp,
+        offset_bytes: u64,
+        capacity_bytes: u64,
+        committed_unix_ns: u64,
+    }
+    let mut f = Fixture::new();
+    f.settle();
+    let write = |f: &mut Fixture, r: OldRecord| {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&r, &mut bytes).unwrap();
+        f.log.journal.append(&bytes).unwrap();
+        f.log.journal.sync().unwrap();
+    };
+    let instance = f.log.instance_id(key());
+    let begun = |f: &Fixture, cut_id| OldRecord::CutBegun { volume: VOLUME.into(), cut_id, lo: f.log.now() };
+    let r = begun(&f, 1);
+    write(&mut f, r);
+    let r = begun(&f, 2);
+    let OldRecord::CutBegun { lo, .. } = r else { unreachable!() };
+    write(&mut f, r);
+    f.seal(&[]);
+    let hi = f.log.now();
+    f.seal(&[]);
+    let old = OldSnapshot {
+        handle: "old".into(),
+        volume: VOLUME.into(),
+        instance,
+        lo,
+        hi,
+        offset_bytes: 0,
+        capacity_bytes: CAPACITY,
+        committed_unix_ns: 1,
+    };
+    write(&mut f, OldRecord::Snapshot(old));
+    let r = begun(&f, 3);
+    write(&mut f, r);
+    f.log.stop().unwrap();
+    f.reopen();
+    let open = f.open_cuts();
+    assert_eq!(open.iter().map(|c| (c.id, c.placement)).collect::<Vec<_>>(), vec![(3, None)], "{open:?}");
+    assert_eq!(f.log.snapshot("old").unwrap().cut_id, None);
+    assert!(matches!(f.commit("x", None), Err(LogError::PlacementUnknown(3))));
+    f.log.abort_cuts(VOLUME, Some(3)).unwrap();
+    f.settle();
+    f.snapshot("new", &[7]);
+    assert!(matches!(f.delta("old", "new"), Err(QueryError::FailedPrecondition(_))), "the restart is a gap");
+}
+
+/// Compaction may merge segments only where no open cut's lo falls
+/// between them: each cut, committed after the compaction, answers as
+/// precisely as without it.
+#[test]
+fn compaction_with_open_cuts_keeps_their_boundaries() {
+    let mut f = Fixture::new();
+    f.seal(&[1]);
+    f.settle();
+    let mut cuts = Vec::new();
+    for base in [20, 30, 40] {
+        cuts.push(f.begin());
+        for i in 0..10 {
+            f.seal(&[base + i]);
+            f.settle();
+        }
+    }
+    let segments = f.log.stats().segments;
+    f.log.compact().unwrap();
+    let compacted = f.log.stats().segments;
+    assert!(compacted < segments / 4, "{segments} -> {compacted}: compaction merged nothing");
+    // Committed in another order than begun.
+    f.commit("s2", Some(cuts[1])).unwrap();
+    f.commit("s3", Some(cuts[2])).unwrap();
+    f.commit("s1", Some(cuts[0])).unwrap();
+    f.snapshot("end", &[9]);
+    let from = |first: u64| (first..50).chain([9]).collect::<Vec<u64>>();
+    let expected = |from: Vec<u64>| {
+        let mut v = from;
+        v.sort();
+        v
+    };
+    let answers =
+        |f: &Fixture| [f.delta("s1", "end").unwrap(), f.delta("s2", "end").unwrap(), f.delta("s3", "end").unwrap()];
+    assert_eq!(answers(&f), [expected(from(20)), expected(from(30)), expected(from(40))]);
+    f.log.compact().unwrap();
+    f.reopen();
+    assert_eq!(answers(&f), [expected(from(20)), expected(from(30)), expected(from(40))], "compacted again, reopened");
+}
+
+/// Item 7: the volume's device and extent are fixed at begin; a commit
+/// finding the volume on another instance, at another offset or with
+/// another capacity is refused, and leaves the cut open.
+#[test]
+fn a_commit_elsewhere_than_the_begin_is_refused() {
+    let mut f = Fixture::new();
+    let cut = f.begin();
+    let hi = f.log.now();
+    f.seal(&[]);
+    let reattached = DeviceKey { diskseq: key().diskseq + 1, ..key() };
+    let elsewhere = [
+        f.log.placement(reattached, 0, CAPACITY),
+        f.log.placement(key(), 4096, CAPACITY),
+        f.log.placement(key(), 0, CAPACITY + 4096),
+        f.log.placement(key(), 0, CAPACITY - 4096),
+    ];
+    for placement in elsewhere {
+        for named in [None, Some(cut)] {
+            match f.log.commit_snapshot(VOLUME, named, "s", placement, hi) {
+                Err(LogError::PlacementChanged { cut: c, begun, now, .. }) => {
+                    assert_eq!((c, begun, now), (cut, f.placement(), placement));
+                }
+                r => panic!("committed on {placement} a cut begun on {}: {r:?}", f.placement()),
+            }
+        }
+    }
+    // Persisted with the cut.
+    f.reopen();
+    assert!(matches!(f.commit("s", Some(cut)).map(|_| ()), Ok(())));
+    let cut = f.begin();
+    f.reopen();
+    let hi = f.log.now();
+    f.seal(&[]);
+    assert!(matches!(
+        f.log.commit_snapshot(VOLUME, Some(cut), "t", f.log.placement(reattached, 0, CAPACITY), hi),
+        Err(LogError::PlacementChanged { .. })
+    ));
+    assert_eq!(f.open_cuts().len(), 1);
+}
+
+/// A cut open longer than the TTL is abandoned; from then on a commit
+/// naming no cut might be its client's, so it is refused until an operator
+/// aborts the volume's cuts; commits naming their cut go on.
+#[test]
+fn an_expired_cut_refuses_commits_without_an_id() {
+    let mut f = Fixture::new();
+    let stale = f.begin();
+    f.log.cut_ttl = 0;
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    f.seal(&[]);
+    f.log.cut_ttl = CUT_TTL.as_nanos() as Stamp;
+    assert!(f.open_cuts().is_empty(), "expired at the seal");
+    let cut = f.begin();
+    assert!(matches!(f.commit("a", None), Err(LogError::CutsExpired(_))));
+    assert!(matches!(f.commit("a", Some(stale)), Err(LogError::CutNotOpen { .. })));
+    f.reopen();
+    assert!(matches!(f.commit("a", None), Err(LogError::CutsExpired(_))), "after a restart");
+    f.log.compact().unwrap();
+    f.reopen();
+    assert!(matches!(f.commit("a", None), Err(LogError::CutsExpired(_))), "after a compaction");
+    f.commit("a", Some(cut)).unwrap();
+    let left = f.begin();
+    assert_eq!(f.log.abort_cuts(VOLUME, None).unwrap(), vec![left]);
+    f.reopen();
+    f.begin();
+    f.commit("b", None).unwrap();
+}
+
+#[test]
+fn open_cuts_per_volume_are_bounded() {
+    let mut f = Fixture::new();
+    // One client committing without ids leaves its own cut taken each time.
+    for i in 0..MAX_TAKEN_CUTS + 10 {
+        f.begin();
+        f.commit(&format!("s{i}"), None).unwrap();
+    }
+    let open = f.open_cuts();
+    assert_eq!(open.len(), MAX_TAKEN_CUTS);
+    assert!(open.iter().all(|c| c.taken));
+    let cuts: Vec<u64> = (0..MAX_OPEN_CUTS).map(|_| f.begin()).collect();
+    assert!(matches!(f.log.begin_cut(VOLUME, f.placement()), Err(LogError::TooManyCuts { .. })));
+    f.log.begin_cut("other", f.placement()).unwrap();
+    f.log.abort_cuts(VOLUME, Some(cuts[7])).unwrap();
+    f.begin();
+    // Replay evicts alike.
+    let before = f.open_cuts();
+    f.reopen();
+    assert_eq!(f.open_cuts(), before);
+}
+
+/// A commit naming no cut may take a cut another client will name: that
+/// client still commits it, with its own window.
+#[test]
+fn a_taken_cut_still_commits_by_id() {
+    let mut f = Fixture::new();
+    f.settle();
+    let unnamed = f.begin();
+    let named = f.begin();
+    let lo = |f: &Fixture, id| f.open_cuts().iter().find(|c| c.id == id).unwrap().lo;
+    let (unnamed_lo, named_lo) = (lo(&f, unnamed), lo(&f, named));
+    let a = f.commit("a", None).unwrap();
+    assert_eq!((a.lo, a.cut_id), (unnamed_lo, Some(named)), "the earliest window, the latest cut taken");
+    let b = f.commit("b", Some(named)).unwrap();
+    assert_eq!(b.lo, named_lo);
+    // Its place was gone: it took the latest untaken cut in turn.
+    assert_eq!(f.open_cuts().iter().map(|c| (c.id, c.taken)).collect::<Vec<_>>(), vec![(unnamed, true)]);
+    assert!(matches!(f.commit("c", None), Err(LogError::NoCutBegun(_))));
+    f.reopen();
+    assert_eq!(f.open_cuts().iter().map(|c| (c.id, c.taken)).collect::<Vec<_>>(), vec![(unnamed, true)]);
 }

@@ -128,7 +128,9 @@ impl std::fmt::Display for Answer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Answer::List(r) => write!(f, "a list of {} ranges ({} bytes)", r.list.len(), r.bytes()),
-            Answer::FailedPrecondition(o) | Answer::NotFound(o) | Answer::Error(o) => write!(f, "{}: {o}", self.kind()),
+            Answer::FailedPrecondition(o) | Answer::NotFound(o) | Answer::Error(o) => {
+                write!(f, "{}: {o}", self.kind())
+            }
         }
     }
 }
@@ -169,8 +171,23 @@ impl Cbtctl {
         self.ok(&["snapshot", "begin", volume]).trim().to_string()
     }
 
+    /// `snapshot commit VOLUME HANDLE` (no cut id: the volume's earliest
+    /// open window).
     pub fn commit(&self, volume: &str, handle: &str) {
         self.ok(&["snapshot", "commit", volume, handle]);
+    }
+
+    /// `snapshot commit VOLUME HANDLE --cut CUT`, for its outcome.
+    pub fn commit_cut(&self, volume: &str, handle: &str, cut: &str) -> CtlOut {
+        self.run(&["snapshot", "commit", volume, handle, "--cut", cut])
+    }
+
+    /// `snapshot abort VOLUME --cut CUT` (`None`: `--all`).
+    pub fn abort(&self, volume: &str, cut: Option<&str>) -> CtlOut {
+        match cut {
+            Some(cut) => self.run(&["snapshot", "abort", volume, "--cut", cut]),
+            None => self.run(&["snapshot", "abort", volume, "--all"]),
+        }
     }
 
     pub fn delete(&self, handle: &str) -> CtlOut {
@@ -253,6 +270,12 @@ impl Agent {
     }
 
     pub fn start_with(volumes: &[&Volume], options: AgentOptions) -> Self {
+        let specs: Vec<(String, String)> = volumes.iter().map(|v| (v.name.clone(), v.dev.clone())).collect();
+        Self::start_specs(&specs, options)
+    }
+
+    /// Volumes as (NAME, device path): e.g. a symlink a test re-points.
+    pub fn start_specs(specs: &[(String, String)], options: AgentOptions) -> Self {
         crate::require_root();
         let dir = PathBuf::from(format!("/tmp/{}", unique_name("agent")));
         let state_dir = dir.join("state");
@@ -268,7 +291,7 @@ impl Agent {
             driver_name: options.driver_name.clone(),
             state_dir,
             dir,
-            volumes: volumes.iter().map(|v| (v.name.clone(), v.dev.clone())).collect(),
+            volumes: specs.to_vec(),
             options,
             child: None,
             runs: 0,
@@ -553,13 +576,16 @@ impl Cbt {
         self.agent.as_mut()
     }
 
-    /// `snapshot begin`, the image, `snapshot commit`: the image is taken
-    /// by `take` between the two calls.
+    /// `snapshot begin`, the image, `snapshot commit --cut`: the image is
+    /// taken by `take` between the two calls. (Naming the cut: a begin a
+    /// test abandons, e.g. by killing the agent, must not open the windows
+    /// of later snapshots early.)
     pub fn snapshot_with(&self, vol: &Volume, handle: &str, take: impl FnOnce() -> Image) -> Snap {
         let cut = self.ctl().map(|c| c.begin(&vol.name)).unwrap_or_default();
         let image = take();
         if let Some(c) = self.ctl() {
-            c.commit(&vol.name, handle);
+            let out = c.commit_cut(&vol.name, handle, &cut);
+            assert_eq!(out.code, 0, "{out}");
         }
         Snap { handle: handle.to_string(), volume: vol.name.clone(), image, cut, taken: Instant::now() }
     }
@@ -609,7 +635,9 @@ impl Cbt {
     /// the end of the last range, until a page adds nothing: works whether
     /// cbtctl prints one page or the whole stream.
     pub fn delta_paged(&self, base: &Snap, target: &Snap, max_results: u64) -> Answer {
-        let Some(c) = self.ctl() else { return self.oracle_delta(base, target, 0) };
+        let Some(c) = self.ctl() else {
+            return self.oracle_delta(base, target, 0);
+        };
         let mut all: Option<Ranges> = None;
         let mut from = 0u64;
         for _ in 0..100_000 {

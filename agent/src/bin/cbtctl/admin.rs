@@ -4,8 +4,8 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use cbt_agent::admin::proto::{
-    admin_client::AdminClient, BeginSnapshotRequest, CommitSnapshotRequest, DeleteSnapshotRequest,
-    ListSnapshotsRequest, Snapshot, StatusRequest,
+    admin_client::AdminClient, AbortSnapshotRequest, BeginSnapshotRequest, CommitSnapshotRequest,
+    DeleteSnapshotRequest, ListSnapshotsRequest, OpenCut, Snapshot, StatusRequest,
 };
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
@@ -15,15 +15,42 @@ use crate::{print_out, shown, RpcError};
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
     /// Open VOLUME's cut window: run just BEFORE the backend takes the
-    /// snapshot. Prints the cut id.
+    /// snapshot. Prints the cut id, for `commit --cut`.
     Begin { volume: String },
     /// Close it: run just AFTER the snapshot exists. HANDLE is the id the
     /// backup tool will query (the CSI snapshot handle).
-    Commit { volume: String, handle: String },
+    Commit {
+        volume: String,
+        handle: String,
+        /// The cut id `begin` printed. Without it the window starts at the
+        /// volume's earliest open cut (never too late, but a begin left
+        /// open widens every later window).
+        #[arg(long = "cut", value_name = "ID")]
+        cut: Option<u64>,
+    },
+    /// Close VOLUME's open cut ID (`--cut`), or all of them (`--all`),
+    /// without a snapshot: the backend failed to cut, or the client that
+    /// began them is gone.
+    Abort(AbortArgs),
+    /// List the cuts begun and not yet committed or aborted.
+    Cuts(ListArgs),
     /// Forget a snapshot (the log may then merge the segments it needed).
     Delete { handle: String },
     /// List registered snapshots.
     List(ListArgs),
+}
+
+#[derive(Args)]
+#[group(id = "which", required = true, args = ["cut", "all"])]
+pub struct AbortArgs {
+    volume: String,
+    #[arg(long = "cut", value_name = "ID")]
+    cut: Option<u64>,
+    /// Every open cut of the volume; also lets commits without `--cut`
+    /// through again after a cut expired. Only when no client still holds
+    /// a cut of the volume.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args)]
@@ -51,10 +78,56 @@ pub async fn snapshot(channel: Channel, command: SnapshotCommand) -> Result<()> 
             let cut = client.begin_snapshot(BeginSnapshotRequest { volume }).await.map_err(rpc)?.into_inner();
             print_out(|out| writeln!(out, "{}", cut.cut_id))?;
         }
-        SnapshotCommand::Commit { volume, handle } => {
-            let reply = client.commit_snapshot(CommitSnapshotRequest { volume, handle }).await.map_err(rpc)?;
-            let snapshot = reply.into_inner().snapshot.context("the agent sent no snapshot")?;
+        SnapshotCommand::Commit { volume, handle, cut } => {
+            let request = CommitSnapshotRequest { volume: volume.clone(), handle, cut_id: cut };
+            let reply = client.commit_snapshot(request).await.map_err(rpc)?.into_inner();
+            let snapshot = reply.snapshot.context("the agent sent no snapshot")?;
             print_out(|out| writeln!(out, "{}", snapshot.handle))?;
+            // Taken cuts wait only for a client naming them: they widen no
+            // window.
+            let untaken: Vec<String> =
+                reply.open_cuts.iter().filter(|c| !c.taken).map(|c| c.cut_id.to_string()).collect();
+            if !untaken.is_empty() {
+                // A closed stderr must not fail a commit that happened.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "note: volume {volume} still has open cuts ({}); commit them with --cut, or abort the ones no \
+                     client will commit (`cbtctl snapshot abort {volume} --cut ID`): until then they widen the \
+                     windows of commits without --cut",
+                    untaken.join(", ")
+                );
+            }
+        }
+        SnapshotCommand::Abort(args) => {
+            let request = AbortSnapshotRequest { volume: args.volume, cut_id: args.cut, all: args.all };
+            let reply = client.abort_snapshot(request).await.map_err(rpc)?.into_inner();
+            print_out(|out| reply.aborted.iter().try_for_each(|id| writeln!(out, "{id}")))?;
+        }
+        SnapshotCommand::Cuts(args) => {
+            let list = client.list_snapshots(ListSnapshotsRequest {}).await.map_err(rpc)?.into_inner();
+            if args.json {
+                let items: Vec<_> = list.open_cuts.iter().map(cut_json).collect();
+                let json = serde_json::to_string_pretty(&items)?;
+                print_out(|out| writeln!(out, "{json}"))?;
+            } else {
+                print_out(|out| {
+                    writeln!(out, "{:<18} {:<16} {:<20} {:>16} {:>12} TAKEN", "CUT", "VOLUME", "DEVICE", "CAPACITY", "OPEN (s)")?;
+                    for c in &list.open_cuts {
+                        let open_s = c.open_ns as f64 / 1e9;
+                        let taken = if c.taken { "yes" } else { "-" };
+                        writeln!(
+                            out,
+                            "{:<18} {:<16} {:<20} {:>16} {:>12.1} {taken}",
+                            c.cut_id,
+                            shown(&c.volume),
+                            c.device,
+                            c.capacity_bytes,
+                            open_s
+                        )?;
+                    }
+                    Ok(())
+                })?;
+            }
         }
         SnapshotCommand::Delete { handle } => {
             client.delete_snapshot(DeleteSnapshotRequest { handle }).await.map_err(rpc)?;
@@ -101,6 +174,19 @@ fn snapshot_json(s: &Snapshot) -> serde_json::Value {
         "window_hi": s.window_hi,
         "capacity_bytes": s.capacity_bytes,
         "committed_unix_ns": s.committed_unix_ns,
+        "cut_id": s.cut_id,
+    })
+}
+
+fn cut_json(c: &OpenCut) -> serde_json::Value {
+    serde_json::json!({
+        "cut_id": c.cut_id,
+        "volume": c.volume,
+        "device": c.device,
+        "window_lo": c.window_lo,
+        "capacity_bytes": c.capacity_bytes,
+        "open_ns": c.open_ns,
+        "taken": c.taken,
     })
 }
 
