@@ -221,7 +221,7 @@ pub struct Accounting {
     pub baseline: KernelCounters,
     pub last_kernel: KernelCounters,
     pub committed_offset: Option<i64>,
-    pub events_by_kind: [u64; 8],
+    pub events_by_kind: [u64; 9],
     /// Tracker-wide (every device).
     pub loss: LossCounters,
     /// Gaps covering this device.

@@ -17,7 +17,7 @@ fn direct_write(dev: &str, sector: u64, count: u64) {
     sh(&format!("dd if=/dev/urandom of={dev} bs=512 seek={sector} count={count} oflag=direct status=none"));
 }
 
-fn kinds_seen(h: &Harness, dev: &LoopDevice) -> [u64; 8] {
+fn kinds_seen(h: &Harness, dev: &LoopDevice) -> [u64; 9] {
     h.settled().changes().device(&dev.key()).map(|d| d.events).unwrap_or_default()
 }
 
