@@ -253,6 +253,13 @@ impl Agent {
     }
 
     pub fn start_with(volumes: &[&Volume], options: AgentOptions) -> Self {
+        let named: Vec<(&str, &str)> = volumes.iter().map(|v| (v.name.as_str(), v.dev.as_str())).collect();
+        Self::start_devices(&named, options)
+    }
+
+    /// Serves `(name, device)` pairs: for volumes that are not a loop
+    /// device of the scratch filesystem (a device-mapper device, say).
+    pub fn start_devices(volumes: &[(&str, &str)], options: AgentOptions) -> Self {
         crate::require_root();
         let dir = PathBuf::from(format!("/tmp/{}", unique_name("agent")));
         let state_dir = dir.join("state");
@@ -265,7 +272,7 @@ impl Agent {
             driver_name: options.driver_name.clone(),
             state_dir,
             dir,
-            volumes: volumes.iter().map(|v| (v.name.clone(), v.dev.clone())).collect(),
+            volumes: volumes.iter().map(|&(name, dev)| (name.to_string(), dev.to_string())).collect(),
             options,
             child: None,
             runs: 0,
@@ -537,6 +544,24 @@ impl Cbt {
         Self { mode, agent, deleted: Mutex::new(HashSet::new()) }
     }
 
+    /// See [`Agent::start_devices`].
+    pub fn start_devices(volumes: &[(&str, &str)], options: AgentOptions) -> Self {
+        let mode = mode();
+        let agent = (mode == Mode::Agent).then(|| Agent::start_devices(volumes, options));
+        Self { mode, agent, deleted: Mutex::new(HashSet::new()) }
+    }
+
+    /// `snapshot begin`, the image `take` makes, `snapshot commit`, for a
+    /// volume known by name only (see [`Self::start_devices`]).
+    pub fn snapshot_named(&self, volume: &str, handle: &str, take: impl FnOnce() -> Image) -> Snap {
+        let cut = self.ctl().map(|c| c.begin(volume)).unwrap_or_default();
+        let image = take();
+        if let Some(c) = self.ctl() {
+            c.commit(volume, handle);
+        }
+        Snap { handle: handle.to_string(), volume: volume.to_string(), image, cut, taken: Instant::now() }
+    }
+
     pub fn is_agent(&self) -> bool {
         self.agent.is_some()
     }
@@ -553,12 +578,7 @@ impl Cbt {
     /// `snapshot begin`, the image, `snapshot commit`: the image is taken
     /// by `take` between the two calls.
     pub fn snapshot_with(&self, vol: &Volume, handle: &str, take: impl FnOnce() -> Image) -> Snap {
-        let cut = self.ctl().map(|c| c.begin(&vol.name)).unwrap_or_default();
-        let image = take();
-        if let Some(c) = self.ctl() {
-            c.commit(&vol.name, handle);
-        }
-        Snap { handle: handle.to_string(), volume: vol.name.clone(), image, cut, taken: Instant::now() }
+        self.snapshot_named(&vol.name, handle, take)
     }
 
     /// A snapshot whose image is a reflink clone of the volume.
