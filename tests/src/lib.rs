@@ -114,6 +114,39 @@ impl Drop for LoopDevice {
     }
 }
 
+/// Sets a loop device's `queue/max_sectors_kb` (the size at which the
+/// block layer splits a bio into requests) and puts the old value back on
+/// drop: a loop device keeps it across detach and attach, so the next user
+/// of the same loop number would inherit it.
+pub struct MaxSectorsKb {
+    path: PathBuf,
+    original: String,
+}
+
+impl MaxSectorsKb {
+    pub fn set(dev_name: &str, kb: u64) -> Self {
+        let path = PathBuf::from(format!("/sys/block/{dev_name}/queue/max_sectors_kb"));
+        let original = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string();
+        let guard = Self { path, original };
+        guard.write(&kb.to_string());
+        let now = std::fs::read_to_string(&guard.path).unwrap().trim().to_string();
+        assert_eq!(now, kb.to_string(), "{dev_name}: max_sectors_kb {kb} was not taken as is");
+        guard
+    }
+
+    fn write(&self, value: &str) {
+        std::fs::write(&self.path, value).unwrap_or_else(|e| panic!("writing {value} to {}: {e}", self.path.display()));
+    }
+}
+
+impl Drop for MaxSectorsKb {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.original) {
+            eprintln!("warning: could not restore {} to {}: {e}", self.path.display(), self.original);
+        }
+    }
+}
+
 /// A tracker running as the agent runs it: drained every 2 ms, checked
 /// every 200 ms, on a thread of its own.
 pub struct Harness {

@@ -7,7 +7,7 @@
 
 use cbt_tests::{
     kernel_trace::{replay_as_drained, Recording, TraceEvent, Traced},
-    sh, LoopDevice,
+    sh, LoopDevice, MaxSectorsKb,
 };
 
 /// Replays under this many drain schedules, from a printed seed.
@@ -52,11 +52,7 @@ fn replay_all(name: &str, events: &[TraceEvent]) {
 fn split_bios_complete_as_several_requests() {
     let dev = LoopDevice::new("replay-split", 256);
     // An odd request size moves every split point off the counting grid.
-    std::fs::write(
-        format!("/sys/block/{}/queue/max_sectors_kb", dev.name()),
-        "84",
-    )
-    .expect("max_sectors_kb");
+    let _limit = MaxSectorsKb::set(dev.name(), 84);
     let events = record(&dev, || {
         for (i, offset_kib) in [4u64, 12, 68, 1024 + 4, 4096 + 36].into_iter().enumerate() {
             sh(&format!(
