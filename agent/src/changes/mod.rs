@@ -416,7 +416,13 @@ impl ChangeSets {
         // changed since we last looked, events in between cannot be
         // attributed: both instances get a gap.
         let current = devices::instance_of(dev).map(|d| d.key);
-        let previous = self.classic_instances.get(&dev).copied();
+        // Not yet resolved for an event: the instance discovery last saw
+        // holding the number. If another holds it now, the number changed
+        // hands since, and this batch's events may be the earlier one's.
+        let previous = self.classic_instances.get(&dev).copied().or_else(|| {
+            let known = self.devices.keys().filter(|k| k.dev == dev).max_by_key(|k| k.diskseq)?;
+            Some((*known, from_ns))
+        });
         let key = match (previous, current) {
             (Some((p, _)), Some(c)) if p == c => c,
             (Some((p, resolved_from)), c) => {
@@ -491,6 +497,24 @@ impl ChangeSets {
             let start = ev.sector / z * z;
             (start, start + z)
         };
+        // A device first met through this event, not discovered yet: where
+        // a zone append lands depends on whether it is zoned (anywhere in
+        // the zone), and classic hooks cannot tell zone append from
+        // write-zeroes, so that must be known before placing the event.
+        let may_be_zone_append = kind == EventKind::ZoneAppend || (kind == EventKind::WriteZeroes && ev.diskseq == 0);
+        if may_be_zone_append && d.name.is_none() {
+            match devices::instance_of(ev.dev).filter(|disk| ev.diskseq == 0 || disk.key == key) {
+                Some(disk) => {
+                    d.zone_sectors = zone_sectors(&disk.name);
+                    d.name = Some(disk.name);
+                }
+                None => {
+                    let why = format!("{kind:?} on a device gone before it could be told zoned or not");
+                    self.record_gap(GapScope::Device(key), from_ns, to_ns, why);
+                    return;
+                }
+            }
+        }
         let range = match kind {
             EventKind::Unclassified => None,
             EventKind::ZoneAppend => d.zone_sectors.map(zone_of),
@@ -914,13 +938,41 @@ mod tests {
         // A classic event (no diskseq) for a device already known as zoned.
         let dev = 250 << 20; // no such device: resolves to diskseq 0
         let classic = DeviceKey { dev, diskseq: 0 };
-        cs.entry(classic, 0).zone_sectors = Some(2048);
+        let d = cs.entry(classic, 0);
+        d.name = Some("zoned".into());
+        d.zone_sectors = Some(2048);
         let n = CaptureEvent { sector: 4096, diskseq: 0, cookie: 0, dev, nr_sectors: 8, kind: EventKind::WriteZeroes as u32, raw_op: 0 };
         cs.apply(&[n], 1, 2);
         let changed = &cs.device(&classic).unwrap().changed;
         // Zone 2 = sectors [4096, 6144) = chunks [512, 768).
         assert_eq!(changed.len(), 256, "the whole zone, not 8 sectors");
         assert!(changed.contains(512) && changed.contains(767));
+    }
+
+    /// Classic hooks carry no diskseq: write-zeroes and zone append look
+    /// alike, so an undiscovered device whose zoning cannot be read any
+    /// more cannot be placed.
+    #[test]
+    fn classic_n_on_a_device_of_unknown_zoning_is_a_gap() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        let dev = 250 << 20 | 7; // no such device
+        let n = CaptureEvent { sector: 4096, diskseq: 0, cookie: 0, dev, nr_sectors: 8, kind: EventKind::WriteZeroes as u32, raw_op: 0 };
+        cs.apply(&[n], 1, 2);
+        assert_eq!(cs.gaps().len(), 1, "{:?}", cs.gaps());
+    }
+
+    /// Discovery saw an instance at a number; in the first batch that
+    /// writes through the classic hooks, the number is held by another
+    /// (or nobody): the batch may be the first instance's.
+    #[test]
+    fn classic_number_reused_before_its_first_event_is_a_gap() {
+        let mut cs = ChangeSets::new(4096).unwrap();
+        let dev = 250 << 20 | 8; // no such device any more
+        let known = DeviceKey { dev, diskseq: 77 };
+        cs.discover(&[Disk { name: "gone".into(), key: known }], 0);
+        let w = CaptureEvent { sector: 0, diskseq: 0, cookie: 0, dev, nr_sectors: 8, kind: EventKind::Write as u32, raw_op: 0 };
+        cs.apply(&[w], 5, 6);
+        assert!(cs.gaps().iter().any(|g| g.covers(known)), "the discovered instance may have written: {:?}", cs.gaps());
     }
 
     #[test]
