@@ -126,15 +126,19 @@ impl Disk {
             return Err(DeviceError::NotBlock(path.into()));
         }
         let rdev = meta.rdev();
-        let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+        Self::holding(libc::major(rdev), libc::minor(rdev)).map_err(|e| match e {
+            DeviceError::NotBlock(_) => DeviceError::NotBlock(path.into()),
+            e => e,
+        })
+    }
+
+    /// The whole disk of block device `major:minor` (a disk or a partition).
+    pub fn holding(major: u32, minor: u32) -> Result<Self, DeviceError> {
         let link = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-        let real = fs::canonicalize(&link).map_err(|source| DeviceError::Io { path: link, source })?;
+        let real = fs::canonicalize(&link).map_err(|source| DeviceError::Io { path: link.clone(), source })?;
         // A partition's sysfs dir has a `partition` file; its parent is the disk.
         let disk_dir = if real.join("partition").exists() { real.parent().map(PathBuf::from).unwrap_or(real) } else { real };
-        let name = disk_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| DeviceError::NotBlock(path.into()))?;
+        let name = disk_dir.file_name().and_then(|n| n.to_str()).ok_or(DeviceError::NotBlock(link))?;
         Self::by_name(name)
     }
 
