@@ -33,7 +33,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs::File,
     os::unix::{
-        fs::{FileTypeExt, MetadataExt},
+        fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
         io::AsRawFd,
     },
     path::{Path, PathBuf},
@@ -287,8 +287,10 @@ impl MappingWatch {
 
     /// Looks at every disk in `disks` and compares with the previous look.
     /// `clock` reads CLOCK_MONOTONIC. A disk seen for the first time is
-    /// only recorded: its tracking begins no earlier than its first look
-    /// that matters (every snapshot begin seals, and a seal looks).
+    /// only recorded: a re-map before that look came before any snapshot
+    /// window opened on it, since `snapshot begin` seals (and a seal looks)
+    /// before it stamps `lo`. A window whose `lo` is taken from elsewhere
+    /// (earlier than the seal) must not reach before the disk's first look.
     pub fn observe(&mut self, disks: &[Disk], clock: impl Fn() -> u64) -> Vec<Remap> {
         let mut dm = DmReader::default();
         let mut seen = BTreeMap::new();
@@ -473,7 +475,7 @@ const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 fn loop_status(disk: &Disk) -> Option<LoopInfo64> {
     let node = PathBuf::from("/dev").join(&disk.name);
     // O_RDONLY: closing a node opened for writing makes udev probe it.
-    let file = File::options().read(true).custom_flags_nonblock().open(&node).ok()?;
+    let file = File::options().read(true).custom_flags(libc::O_NONBLOCK).open(&node).ok()?;
     let rdev = file.metadata().ok()?.rdev();
     if !file.metadata().ok()?.file_type().is_block_device()
         || (libc::major(rdev), libc::minor(rdev)) != (disk.key.major(), disk.key.minor())
@@ -486,17 +488,6 @@ fn loop_status(disk: &Disk) -> Option<LoopInfo64> {
     // size_of::<loop_info64>() bytes into `info`, which is that struct.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info as *mut LoopInfo64) };
     (rc == 0).then_some(info)
-}
-
-trait NonBlock {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonBlock for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-    }
 }
 
 /// The layer a userspace `dev_t` names.
@@ -610,7 +601,7 @@ impl DmReader {
                 File::options()
                     .read(true)
                     .write(true)
-                    .custom_flags_nonblock()
+                    .custom_flags(libc::O_NONBLOCK)
                     .open("/dev/mapper/control")
                     .map_err(|e| format!("/dev/mapper/control: {e}"))
             })
