@@ -20,6 +20,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // The interoperability tests make the sidecar's TLS certificates.
     ("openssl", "openssl"),
+    // Device-mapper tests: dm-linear over loop devices, tables swapped.
+    ("dmsetup", "dmsetup"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
@@ -27,7 +29,9 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 pub fn all() -> Result<()> {
     toolchain()?;
     packages()?;
-    kernel_filesystems()
+    kernel_filesystems()?;
+    device_mapper();
+    Ok(())
 }
 
 fn have(binary: &str) -> bool {
@@ -66,6 +70,23 @@ fn packages() -> Result<()> {
     eprintln!("setup: installing {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Loads device-mapper if the kernel has it as a module, and makes its
+/// control node. Not fatal: a kernel built without it (as on some machine
+/// kinds) cannot run the device-mapper tests, which say so.
+fn device_mapper() {
+    let control = Path::new("/dev/mapper/control");
+    if control.exists() {
+        return;
+    }
+    let _ = Command::new("modprobe").arg("dm_mod").status();
+    if Path::new("/sys/class/misc/device-mapper").exists() && !control.exists() {
+        let _ = Command::new("dmsetup").arg("mknodes").status();
+    }
+    if !control.exists() {
+        eprintln!("setup: device-mapper is not available on this kernel; its tests cannot run here");
+    }
 }
 
 /// tracefs (classic tracepoint formats) and bpffs (pinning) are not mounted

@@ -253,6 +253,13 @@ impl Agent {
     }
 
     pub fn start_with(volumes: &[&Volume], options: AgentOptions) -> Self {
+        let named: Vec<(&str, &str)> = volumes.iter().map(|v| (v.name.as_str(), v.dev.as_str())).collect();
+        Self::start_devices(&named, options)
+    }
+
+    /// Serving `(volume name, device node)` pairs: any block device, not
+    /// only a [`Volume`].
+    pub fn start_devices(volumes: &[(&str, &str)], options: AgentOptions) -> Self {
         crate::require_root();
         let dir = PathBuf::from(format!("/tmp/{}", unique_name("agent")));
         let state_dir = dir.join("state");
@@ -265,7 +272,7 @@ impl Agent {
             driver_name: options.driver_name.clone(),
             state_dir,
             dir,
-            volumes: volumes.iter().map(|v| (v.name.clone(), v.dev.clone())).collect(),
+            volumes: volumes.iter().map(|&(name, dev)| (name.to_string(), dev.to_string())).collect(),
             options,
             child: None,
             runs: 0,
