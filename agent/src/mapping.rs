@@ -265,6 +265,10 @@ pub struct MappingWatch {
     /// Taken over from a checkpoint that holds no looks: nothing is known
     /// of any mapping since this moment.
     unknown_since: Option<u64>,
+    /// The kernel's own record of capacity changes, between looks.
+    kernel_log: KernelLog,
+    /// When the previous pass began.
+    last_pass_ns: Option<u64>,
 }
 
 impl MappingWatch {
@@ -295,6 +299,10 @@ impl MappingWatch {
         let mut dm = DmReader::default();
         let mut seen = BTreeMap::new();
         let mut remaps = Vec::new();
+        let pass_ns = clock();
+        // Read first: a shrink logged before this read happened before the
+        // looks below, so it lies within [previous look, this pass].
+        let shrunk = self.kernel_log.shrinks();
         for disk in disks {
             let at = clock();
             let Some(sample) = look(disk, &mut dm) else {
@@ -303,6 +311,10 @@ impl MappingWatch {
             match self.last.get(&disk.key) {
                 Some((since, old)) => {
                     if let Some(reason) = judge(old, &sample) {
+                        remaps.push(Remap { key: disk.key, since_ns: *since, reason });
+                    } else if let Some((from, to)) = shrunk.iter().find(|(name, _)| *name == disk.name).map(|(_, s)| s)
+                    {
+                        let reason = format!("capacity shrank from {from} to {to} sectors and grew back (kernel log)");
                         remaps.push(Remap { key: disk.key, since_ns: *since, reason });
                     }
                 }
@@ -325,12 +337,83 @@ impl MappingWatch {
             }
         }
         self.unknown_since = None;
+        self.last_pass_ns = Some(pass_ns);
         let remaps = propagate(remaps, &seen);
         // Instances no longer present are forgotten: a device number that
         // comes back is another instance.
         self.last = seen;
         remaps
     }
+}
+
+/// `/dev/kmsg`, read from where it was opened on: `set_capacity_and_notify`
+/// logs "NAME: detected capacity change from A to B" for every change of a
+/// live disk's size, to and from zero included (the uevent leaves those
+/// out), so a shrink undone between two looks still shows here. Not
+/// device-mapper (it sets its size silently; its table is compared). If
+/// the log cannot be read, or laps this reader, the looks alone remain.
+#[derive(Debug, Default)]
+struct KernelLog {
+    file: Option<File>,
+    tried: bool,
+    lapped: u64,
+}
+
+impl KernelLog {
+    /// `(disk name, (from, to))` of every shrink logged since the last call.
+    fn shrinks(&mut self) -> Vec<(String, (u64, u64))> {
+        if !self.tried {
+            self.tried = true;
+            match File::options().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg") {
+                Ok(f) => {
+                    use std::io::Seek;
+                    // Only what happens from now on: older shrinks are in the looks.
+                    let mut f = f;
+                    if let Err(e) = f.seek(std::io::SeekFrom::End(0)) {
+                        tracing::warn!(error = %e, "cannot seek /dev/kmsg: capacity changes between looks go unseen");
+                        return Vec::new();
+                    }
+                    self.file = Some(f);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read /dev/kmsg: capacity changes between looks go unseen"),
+            }
+        }
+        let Some(f) = &self.file else { return Vec::new() };
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        loop {
+            use std::io::Read;
+            match (&*f).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend(parse_capacity_change(&String::from_utf8_lossy(&buf[..n]))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    // Records overwritten before they were read: the next
+                    // read goes on from the oldest one left.
+                    self.lapped += 1;
+                    tracing::warn!(
+                        times = self.lapped,
+                        "the kernel log lapped cbt's reader: capacity changes between looks may go unseen"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading /dev/kmsg failed: capacity changes between looks go unseen");
+                    self.file = None;
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A shrink in one `/dev/kmsg` record ("PRIO,SEQ,TS,FLAGS;MESSAGE\n ...").
+fn parse_capacity_change(record: &str) -> Option<(String, (u64, u64))> {
+    let message = record.split_once(';')?.1.lines().next()?;
+    let (name, sizes) = message.split_once(": detected capacity change from ")?;
+    let (from, to) = sizes.trim().split_once(" to ")?;
+    let (from, to): (u64, u64) = (from.parse().ok()?, to.parse().ok()?);
+    (to < from).then(|| (name.to_string(), (from, to)))
 }
 
 /// Whole disks a sample names below it.
@@ -998,6 +1081,22 @@ mod tests {
         b[DM_IOCTL_SIZE + 20..DM_IOCTL_SIZE + 24].copy_from_slice(&0u32.to_ne_bytes());
         assert!(parse_table_status(&b).is_err());
         assert!(parse_table_status(&b[..10]).is_err());
+    }
+
+    #[test]
+    fn reads_shrinks_from_kernel_log_records() {
+        let rec = |m: &str| format!("6,1234,5678901,-;{m}\n SUBSYSTEM=block\n");
+        assert_eq!(
+            parse_capacity_change(&rec("loop3: detected capacity change from 32768 to 16384")),
+            Some(("loop3".into(), (32768, 16384)))
+        );
+        assert_eq!(
+            parse_capacity_change(&rec("vda: detected capacity change from 2048 to 0")),
+            Some(("vda".into(), (2048, 0)))
+        );
+        assert_eq!(parse_capacity_change(&rec("loop3: detected capacity change from 0 to 32768")), None, "growth");
+        assert_eq!(parse_capacity_change(&rec("EXT4-fs (loop3): mounted filesystem")), None);
+        assert_eq!(parse_capacity_change("garbage"), None);
     }
 
     #[test]
