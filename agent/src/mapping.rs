@@ -347,11 +347,13 @@ impl MappingWatch {
 }
 
 /// `/dev/kmsg`, read from where it was opened on: `set_capacity_and_notify`
-/// logs "NAME: detected capacity change from A to B" for every change of a
-/// live disk's size, to and from zero included (the uevent leaves those
-/// out), so a shrink undone between two looks still shows here. Not
-/// device-mapper (it sets its size silently; its table is compared). If
-/// the log cannot be read, or laps this reader, the looks alone remain.
+/// logs "NAME: detected capacity change from A to B" for a change of a live
+/// disk's size, to and from zero included (the uevent leaves those out),
+/// so a shrink undone between two looks may still show here. Best effort
+/// only: the line is rate-limited (10 per 5 s for all disks together; the
+/// rest become "callbacks suppressed"), device-mapper sets its size without
+/// it (its table is compared instead), and the log may be unreadable or lap
+/// this reader. Then the looks alone remain.
 #[derive(Debug, Default)]
 struct KernelLog {
     file: Option<File>,
@@ -385,7 +387,15 @@ impl KernelLog {
             use std::io::Read;
             match (&*f).read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => out.extend(parse_capacity_change(&String::from_utf8_lossy(&buf[..n]))),
+                Ok(n) => {
+                    let record = String::from_utf8_lossy(&buf[..n]);
+                    if record.contains("set_capacity_and_notify: ") && record.contains("callbacks suppressed") {
+                        tracing::warn!(
+                            "the kernel suppressed capacity-change lines: a shrink undone between looks may go unseen"
+                        );
+                    }
+                    out.extend(parse_capacity_change(&record));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
                     // Records overwritten before they were read: the next
