@@ -47,11 +47,11 @@ pub enum DeviceError {
     NotBlock(PathBuf),
 }
 
-fn read(path: PathBuf) -> Result<String, DeviceError> {
+pub(crate) fn read(path: PathBuf) -> Result<String, DeviceError> {
     fs::read_to_string(&path).map_err(|source| DeviceError::Io { path, source })
 }
 
-fn parse<T: std::str::FromStr>(path: PathBuf) -> Result<T, DeviceError> {
+pub(crate) fn parse<T: std::str::FromStr>(path: PathBuf) -> Result<T, DeviceError> {
     let content = read(path.clone())?;
     content.trim().parse().map_err(|_| DeviceError::Parse { path, content })
 }
@@ -99,7 +99,7 @@ pub struct Disk {
     pub key: DeviceKey,
 }
 
-fn sys_block(name: &str) -> PathBuf {
+pub(crate) fn sys_block(name: &str) -> PathBuf {
     PathBuf::from("/sys/block").join(name)
 }
 

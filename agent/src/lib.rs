@@ -6,8 +6,9 @@
 //! [`changelog`] (time-segmented, persisted segments, snapshot cut windows)
 //! → [`query`] answers → [`service`] (CSI SnapshotMetadata over gRPC).
 //! [`tracker`] and [`recorder`] run the loop; [`admin`] takes snapshot
-//! begin/commit; [`devices`] and [`volumes`] know sysfs. State that must
-//! survive a crash goes through [`journal`] inside a [`statedir`].
+//! begin/commit; [`devices`] and [`volumes`] know sysfs, [`mapping`] what
+//! re-maps a disk's sectors. State that must survive a crash goes through
+//! [`journal`] inside a [`statedir`].
 
 pub mod admin;
 pub mod capture;
@@ -15,6 +16,7 @@ pub mod changelog;
 pub mod changes;
 pub mod devices;
 pub mod journal;
+pub mod mapping;
 pub mod names;
 pub mod query;
 pub mod recorder;

@@ -13,6 +13,7 @@ use crate::{
     },
     changes::{ChangeSetError, ChangeSets, DeviceCheckpoint, Gap, GapScope, TakenChanges},
     devices::{self, Disk},
+    mapping::{MappingWatch, Sample},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,10 @@ pub struct Checkpoint {
     pub cut_ns: u64,
     pub capture: CaptureCheckpoint,
     pub devices: Vec<DeviceCheckpoint>,
+    /// Every disk's mapping as the seal saw it (`None` in checkpoints from
+    /// before it was kept): a re-map while no agent ran is a gap.
+    #[serde(default)]
+    pub mappings: Option<Vec<(devices::DeviceKey, Sample)>>,
 }
 
 /// How a tracker began.
@@ -123,6 +128,8 @@ pub struct Tracker {
     started_ns: u64,
     stats: HashMap<&'static str, ProgramStats>,
     loss: LossCounters,
+    /// Sector mappings at the last check or seal (contract §6).
+    mappings: MappingWatch,
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` stamps events with.
@@ -198,6 +205,7 @@ impl Tracker {
             started_ns: now,
             stats: HashMap::new(),
             loss: LossCounters::default(),
+            mappings: MappingWatch::default(),
         })
     }
 
@@ -229,6 +237,7 @@ impl Tracker {
             })
             .collect();
         self.loss.unpublishable = c.capture.unpublishable;
+        self.mappings.resume(c.mappings.as_deref(), c.cut_ns);
         self.last_check_ns = c.cut_ns;
         Ok(())
     }
@@ -304,7 +313,9 @@ impl Tracker {
         self.drain(None);
         // Instances that exist but never wrote must be known too: a snapshot
         // of an idle volume needs its tracking start.
-        self.changes.discover(&Disk::all(), monotonic_ns());
+        let disks = Disk::all();
+        self.changes.discover(&disks, monotonic_ns());
+        self.watch_mappings(&disks);
         let end_ns = self.last_drain_end_ns;
         // A checkpoint must not claim losses as accounted that are not:
         // read the kernel's counters up to the drain now.
@@ -323,7 +334,19 @@ impl Tracker {
             cut_ns,
             capture: self.capture.checkpoint(misses, self.loss.unpublishable)?,
             devices: self.changes.checkpoint(),
+            mappings: Some(self.mappings.samples()),
         })
+    }
+
+    /// A disk whose sectors were re-mapped since the last look (or whose
+    /// backing file was written behind it) may hold other bytes with no
+    /// write to it: a gap for it and every device stacked on it.
+    fn watch_mappings(&mut self, disks: &[Disk]) {
+        let remaps = self.mappings.observe(disks, monotonic_ns);
+        let now = monotonic_ns();
+        for r in remaps {
+            self.changes.record_gap(GapScope::Device(r.key), r.since_ns, now, r.reason);
+        }
     }
 
     /// Gaps recorded since the previous call.
@@ -377,7 +400,9 @@ impl Tracker {
         self.loss.witness_alarms += witness.short.len() as u64;
 
         self.account_kernel_losses(now)?;
-        self.changes.discover(&Disk::all(), now);
+        let disks = Disk::all();
+        self.changes.discover(&disks, now);
+        self.watch_mappings(&disks);
         self.capture.flush_kernel_logs();
         self.last_check_ns = now;
         // Settled as of the counters' reading: changes drained after it

@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // A gRPC C-core client (grpcio) for the service tests; see grpcio().
     ("python3", "python3"),
+    // Device-mapper tests: dm-linear over loop devices, tables swapped.
+    ("dmsetup", "dmsetup"),
 ];
 
 /// The grpcio the service tests dial the CSI socket with: C-core, whose
@@ -35,7 +37,9 @@ pub fn all() -> Result<()> {
     toolchain()?;
     packages()?;
     grpcio()?;
-    kernel_filesystems()
+    kernel_filesystems()?;
+    device_mapper();
+    Ok(())
 }
 
 fn have(binary: &str) -> bool {
@@ -129,6 +133,23 @@ fn grpcio() -> Result<()> {
     run(Command::new(&python).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", GRPCIO]))?;
     anyhow::ensure!(has_grpcio(&python), "{GRPCIO} is not importable from {} after installing it", python.display());
     Ok(())
+}
+
+/// Loads device-mapper if the kernel has it as a module, and makes its
+/// control node. Not fatal: a kernel built without it (as on some machine
+/// kinds) cannot run the device-mapper tests, which say so.
+fn device_mapper() {
+    let control = Path::new("/dev/mapper/control");
+    if control.exists() {
+        return;
+    }
+    let _ = Command::new("modprobe").arg("dm_mod").status();
+    if Path::new("/sys/class/misc/device-mapper").exists() && !control.exists() {
+        let _ = Command::new("dmsetup").arg("mknodes").status();
+    }
+    if !control.exists() {
+        eprintln!("setup: device-mapper is not available on this kernel; its tests cannot run here");
+    }
 }
 
 /// tracefs (classic tracepoint formats) and bpffs (pinning) are not mounted

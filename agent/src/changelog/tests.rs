@@ -378,6 +378,13 @@ fn sample_checkpoint() -> Checkpoint {
             unpublishable: 0,
         },
         devices: Vec::new(),
+        mappings: Some(vec![(
+            crate::devices::DeviceKey { dev: 7 << 20, diskseq: 9 },
+            crate::mapping::Sample {
+                fingerprint: crate::mapping::Fingerprint { capacity: 2048, layout: crate::mapping::Layout::Direct },
+                backing: None,
+            },
+        )]),
     }
 }
 

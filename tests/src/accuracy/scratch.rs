@@ -203,10 +203,17 @@ pub struct Volume {
 
 impl Volume {
     pub fn new(fs: &ScratchFs, name: &str, size_mib: u64, direct_io: bool) -> Self {
+        Self::with_losetup(fs, name, size_mib, if direct_io { "--direct-io=on" } else { "" })
+    }
+
+    /// A volume attached with these `losetup` options (e.g. `--sizelimit`):
+    /// the backing file is `size_mib`, the device may be smaller.
+    pub fn with_losetup(fs: &ScratchFs, name: &str, size_mib: u64, options: &str) -> Self {
+        let direct_io = options.contains("--direct-io=on");
         let backing = fs.unique_path(&format!("{name}.vol"));
         let size = size_mib << 20;
         File::create(&backing).and_then(|f| f.set_len(size)).expect("creating a volume's backing file");
-        let dev = attach_loop(&backing, if direct_io { "--direct-io=on" } else { "" });
+        let dev = attach_loop(&backing, options);
         let v = Self { name: name.to_string(), dev, backing, size, direct_io, fs: fs.clone(), attached: true };
         if direct_io {
             let dio = std::fs::read_to_string(format!("/sys/block/{}/loop/dio", v.sysfs_name())).unwrap_or_default();
@@ -305,6 +312,39 @@ pub fn snapshot_reflink(vol: &Volume, tag: &str) -> Image {
     let dst = vol.fs.unique_path(&format!("{}-{tag}.img", vol.name));
     reflink(&vol.backing, &dst).unwrap_or_else(|e| panic!("FICLONE {} → {}: {e}", vol.backing.display(), dst.display()));
     Image::adopt(dst)
+}
+
+/// A point-in-time image of a block device (while nothing writes to it):
+/// its bytes read with O_DIRECT, so neither page cache can hand back bytes
+/// from before a re-map. Unlike a copy of a loop device's backing file, it
+/// is what the device shows (its offset, its size).
+pub fn device_image(dev: &str, dst: PathBuf) -> Image {
+    use std::io::{Seek, SeekFrom};
+    let mut src = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("opening {dev} O_DIRECT: {e}"));
+    let len = src.seek(SeekFrom::End(0)).expect("device size");
+    let out = File::create(&dst).unwrap_or_else(|e| panic!("{}: {e}", dst.display()));
+    out.set_len(len).expect("sizing the image");
+    let mut buf = AlignedBuf::new(1 << 20);
+    let mut off = 0;
+    while off < len {
+        let n = ((len - off) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], off).unwrap_or_else(|e| panic!("reading {dev} at {off}: {e}"));
+        // Zeros stay holes: images of mostly empty volumes stay cheap.
+        if buf[..n].iter().any(|&b| b != 0) {
+            out.write_all_at(&buf[..n], off).expect("writing the image");
+        }
+        off += n as u64;
+    }
+    Image::adopt(dst)
+}
+
+/// [`device_image`] of a volume, into its scratch filesystem.
+pub fn snapshot_device(vol: &Volume, tag: &str) -> Image {
+    device_image(&vol.dev, vol.fs.unique_path(&format!("{}-{tag}.img", vol.name)))
 }
 
 /// A snapshot image taken by a plain (sparse) copy of the backing file
