@@ -11,6 +11,7 @@
 //! [`journal`] inside a [`statedir`].
 
 pub mod admin;
+pub mod canary;
 pub mod capture;
 pub mod changelog;
 pub mod changes;

@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use cbt_agent::{
     admin::{self, AdminService, StatusFn},
+    canary::Canary,
     capture::{CaptureOptions, Flavor, PinDir},
     changelog::{lock, ChangeLog, LogQueries, SharedLog},
     journal::write_atomic,
@@ -202,8 +203,15 @@ async fn run(args: RunArgs) -> Result<()> {
         granularity: args.granularity,
         idle_probe: args.check_interval,
     };
-    let (tracker, continuity) = Tracker::take_over(&options, log.checkpoint()).context("starting capture")?;
+    let (mut tracker, continuity) = Tracker::take_over(&options, log.checkpoint()).context("starting capture")?;
     tracing::info!(?continuity, "capture running");
+    match Canary::in_dir(&args.state_dir) {
+        Ok(canary) => {
+            tracing::info!(disk = %canary.disk(), "liveness canary: every check writes to {}", canary.path().display());
+            tracker.set_canary(canary);
+        }
+        Err(e) => tracing::warn!(error = %e, "no liveness canary: nothing proves the capture programs still run"),
+    }
     state.mark_dirty(b"running").context("writing the run marker")?;
     log.begin_run(tracker.started_ns(), &continuity).context("recording the run's start")?;
     let log: SharedLog = Arc::new(Mutex::new(log));
@@ -312,5 +320,9 @@ fn status_json(tracker: &Tracker, log: &ChangeLog, volumes: &Volumes) -> serde_j
         "gaps": log.gaps(),
         "snapshots": log.snapshots().collect::<Vec<_>>(),
         "capture": Status::of(tracker, &[]),
+        "canary": tracker.canary().map(|(disk, last_ok_ns)| serde_json::json!({
+            "disk": disk.to_string(),
+            "last_passed_ns": last_ok_ns,
+        })),
     })
 }

@@ -7,6 +7,7 @@ use cbt_common::{CaptureEvent, EventKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    canary::Canary,
     capture::{
         BarrierError, Capture, CaptureCheckpoint, CaptureError, CaptureOptions, DrainReport, Flavor, ProgramBarrier,
         ProgramStats, ReplayReport,
@@ -120,6 +121,8 @@ pub struct LossCounters {
 pub struct Tracker {
     capture: Capture,
     barrier: ProgramBarrier,
+    /// The liveness self-check, and when it last passed.
+    canary: Option<(Canary, u64)>,
     changes: ChangeSets,
     buf: Vec<CaptureEvent>,
     last_drain_ns: u64,
@@ -197,6 +200,7 @@ impl Tracker {
         Ok(Self {
             capture,
             barrier: ProgramBarrier::new()?,
+            canary: None,
             changes,
             buf: Vec::with_capacity(1 << 14),
             last_drain_ns: now,
@@ -240,6 +244,18 @@ impl Tracker {
         self.mappings.resume(c.mappings.as_deref(), c.cut_ns);
         self.last_check_ns = c.cut_ns;
         Ok(())
+    }
+
+    /// Proves at every check that the programs still see writes at all
+    /// (see [`Canary`]); a check where they did not is a gap for every
+    /// device since the last one where they did.
+    pub fn set_canary(&mut self, canary: Canary) {
+        self.canary = Some((canary, monotonic_ns()));
+    }
+
+    /// The canary's disk and when it last passed.
+    pub fn canary(&self) -> Option<(crate::devices::DeviceKey, u64)> {
+        self.canary.as_ref().map(|(c, ok)| (c.disk(), *ok))
     }
 
     pub fn flavor(&self) -> Flavor {
@@ -365,6 +381,12 @@ impl Tracker {
     /// The slower checks: witness counters, recursion misses, new devices.
     /// Call about once a second.
     pub fn check(&mut self) -> Result<CheckReport, TrackerError> {
+        // The canary's write first: it completes before the samples, and
+        // its submission is published before it completes.
+        let writes_seen = |changes: &ChangeSets, disk| {
+            changes.device(&disk).map_or(0, |d| d.events[EventKind::Write as usize])
+        };
+        let canary = self.canary.as_mut().map(|(c, _)| (writes_seen(&self.changes, c.disk()), c.write()));
         // Witness samples first, then drain (see ChangeSets::witness).
         let sampled_at = monotonic_ns();
         let samples: Vec<_> = self
@@ -398,6 +420,23 @@ impl Tracker {
             .collect();
         let witness = self.changes.witness(&samples, now);
         self.loss.witness_alarms += witness.short.len() as u64;
+        if let (Some((before, written)), Some((c, last_ok))) = (canary, self.canary.as_mut()) {
+            let failure = match written {
+                Err(e) => Some(format!("the liveness canary could not write {}: {e}", c.path().display())),
+                Ok(()) if writes_seen(&self.changes, c.disk()) > before => None,
+                Ok(()) => Some(format!(
+                    "the capture did not see the agent's own write to {} (disk {}): its programs may not be running",
+                    c.path().display(),
+                    c.disk()
+                )),
+            };
+            // A failure is a gap back to the last pass; the next one's
+            // gap, if any, starts here.
+            let since = std::mem::replace(last_ok, now);
+            if let Some(why) = failure {
+                self.changes.record_gap(GapScope::AllDevices, since, now, why);
+            }
+        }
 
         self.account_kernel_losses(now)?;
         let disks = Disk::all();

@@ -235,3 +235,33 @@ fn seals_can_wait_through_a_map_of_maps_update() {
         barrier.wait().expect("a map-of-maps update");
     }
 }
+
+/// The liveness canary passes while the programs see its writes, and
+/// turns every check where they did not into a gap for every device.
+#[test]
+fn the_canary_proves_the_programs_see_writes() {
+    let fs = cbt_tests::accuracy::ScratchFs::new("canary", 1);
+    let h = Harness::start();
+    let canary = cbt_agent::canary::Canary::in_dir(fs.mnt()).expect("a canary on the scratch filesystem");
+    let started = h.settled().canary().map(|(_, ok)| ok);
+    assert_eq!(started, None);
+    h.settled().set_canary(canary);
+    let first = h.settled().canary().expect("set").1;
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, passed) = h.settled().canary().expect("set");
+    assert!(passed > first, "the canary's writes were seen");
+    assert!(h.gaps().is_empty(), "{:?}", h.gaps());
+
+    // Looked for on a disk it does not write to: as if unseen.
+    let idle = LoopDevice::new("canary-idle", 8);
+    let blind = cbt_agent::canary::Canary::in_dir(fs.mnt())
+        .expect("canary")
+        .misdirected(cbt_agent::devices::Disk::by_name(idle.name()).expect("idle loop device"));
+    h.settled().set_canary(blind);
+    std::thread::sleep(Duration::from_millis(300));
+    let gaps = h.gaps();
+    assert!(
+        gaps.iter().any(|g| g.scope == GapScope::AllDevices && g.reason.contains("did not see the agent's own write")),
+        "{gaps:?}"
+    );
+}
