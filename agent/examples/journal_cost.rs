@@ -86,9 +86,28 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let (_, recovered) = Journal::open(&path)?;
     println!(
-        "open with a 64 MiB record cut short ({} torn bytes, damage: {}): {}",
-        recovered.torn_tail_bytes,
-        recovered.damage.is_some(),
+        "open with a 64 MiB record cut short ({:?}): {}",
+        recovered.tail,
+        per_op(start.elapsed(), 1)
+    );
+
+    // The longest tail still searched for intact frames (a longer one is
+    // damage on its length alone): high-entropy bytes after the last frame.
+    let mut journal = Journal::open(&path)?.0;
+    journal.rewrite([&small[..]])?;
+    drop(journal);
+    let garbage: Vec<u8> = (0..cbt_agent::journal::MAX_TORN_BYTES)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+        .collect();
+    let mut file = std::fs::OpenOptions::new().append(true).open(&path)?;
+    std::io::Write::write_all(&mut file, &garbage)?;
+    drop((file, garbage));
+    let start = Instant::now();
+    let (_, recovered) = Journal::open(&path)?;
+    println!(
+        "open with {} MiB of garbage after the last frame ({:?}): {}",
+        cbt_agent::journal::MAX_TORN_BYTES >> 20,
+        recovered.tail,
         per_op(start.elapsed(), 1)
     );
     std::fs::remove_dir_all(&dir)?;

@@ -277,7 +277,10 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     }
     outcome.context("recording")?;
-    state.mark_clean(b"stopped").context("writing the run marker")?;
+    // The marker pins the journal's end: the next start can tell it reads
+    // this very file, whole.
+    let marker = lock(&log).clean_stop_marker();
+    state.mark_clean(marker.as_bytes()).context("writing the run marker")?;
     if let Some(name) = server_failed {
         anyhow::bail!("the {name} service failed (see above)");
     }
@@ -318,6 +321,7 @@ fn status_json(tracker: &Tracker, log: &ChangeLog, volumes: &Volumes) -> serde_j
         "volumes": volumes,
         "log": log.stats(),
         "gaps": log.gaps(),
+        "journal_damage": log.damage(),
         "snapshots": log.snapshots().collect::<Vec<_>>(),
         "capture": Status::of(tracker, &[]),
         "canary": tracker.canary().map(|(disk, last_ok_ns)| serde_json::json!({

@@ -5,11 +5,17 @@
 //! gap").
 //!
 //! Layout: `lock` (holds the `flock` and the holder's pid), `run-marker`, and
-//! whatever the agent keeps there (the change-log journal).
+//! whatever the agent keeps there (the change-log journal, and copies of a
+//! damaged one: `changelog.journal.damaged-*`).
 //!
 //! Marker format (little-endian), written with [`write_atomic`]:
 //! `"CBTM" | version u32 = 1 | state u32 | info length u32 | info | crc32c(all before) u32`.
-//! Anything that does not decode exactly reads as dirty.
+//! Anything that does not decode exactly (or is over 64 KiB) reads as dirty.
+//!
+//! The marker is read back, not only written: at a clean stop its info pins
+//! the change-log journal's end ([`crate::journal::JournalEnd`]), and the
+//! next load treats any other end, or a torn tail, as damage (see
+//! `ChangeLog::load`). After a crash (dirty) a torn tail is benign.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
@@ -26,6 +32,7 @@ const MARKER_VERSION: u32 = 1;
 const STATE_DIRTY: u32 = 0x5954_5244; // "DRTY"
 const STATE_CLEAN: u32 = 0x4e41_454c; // "LEAN"
 const MARKER_FIXED_LEN: usize = 20;
+const MAX_MARKER_LEN: u64 = 64 << 10;
 
 /// How the previous run left the state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +114,7 @@ impl StateDir {
 
         let marker = path.join(MARKER_FILE);
         remove_if_present(&temp_path(&marker))?;
-        let previous = read_marker(&marker);
+        let previous = read_marker_in(path);
         Ok(StateDir {
             path: path.to_path_buf(),
             _lock: lock,
@@ -127,7 +134,7 @@ impl StateDir {
 
     /// Records that this run is tracking and its state may be unflushed.
     pub fn mark_dirty(&self, info: &[u8]) -> Result<(), JournalError> {
-        write_atomic(&self.path.join(MARKER_FILE), &encode_marker(STATE_DIRTY, info))
+        mark_dirty_in(&self.path, info)
     }
 
     /// Records that this run's final flush is done. Call nothing after it
@@ -150,12 +157,34 @@ fn encode_marker(state: u32, info: &[u8]) -> Vec<u8> {
     m
 }
 
-fn read_marker(path: &Path) -> Option<Marker> {
-    match fs::read(path) {
+/// The run marker in the state directory `dir`, as the last run left it
+/// (`None`: there is none). For code that runs while the caller holds
+/// `dir` and has not written the marker yet (the change log's load).
+pub fn read_marker_in(dir: &Path) -> Option<Marker> {
+    let path = dir.join(MARKER_FILE);
+    // A marker is a few dozen bytes: a bigger file is not one, and is not
+    // read whole.
+    match fs::metadata(&path) {
+        Ok(m) if m.len() > MAX_MARKER_LEN => {
+            return Some(Marker::unreadable(format!(
+                "{}: {} bytes, not a run marker",
+                path.display(),
+                m.len()
+            )))
+        }
+        _ => {}
+    }
+    match fs::read(&path) {
         Ok(bytes) => Some(decode_marker(&bytes)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => Some(Marker::unreadable(format!("{}: reading: {e}", path.display()))),
     }
+}
+
+/// [`StateDir::mark_dirty`] for code that only has the directory's path
+/// (the change log, when its load changed the state); the caller holds it.
+pub(crate) fn mark_dirty_in(dir: &Path, info: &[u8]) -> Result<(), JournalError> {
+    write_atomic(&dir.join(MARKER_FILE), &encode_marker(STATE_DIRTY, info))
 }
 
 fn decode_marker(m: &[u8]) -> Marker {
@@ -263,6 +292,10 @@ mod tests {
         }
         variants.extend((0..good.len()).map(|cut| good[..cut].to_vec()));
         variants.push([&good[..], &b"trailing"[..]].concat());
+        // A huge (sparse) marker is not read whole.
+        let mut huge = good.clone();
+        huge.resize(MAX_MARKER_LEN as usize + 1, 0);
+        variants.push(huge);
         for (n, m) in variants.iter().enumerate() {
             fs::write(&marker, m).unwrap();
             let state = StateDir::open(&dir).unwrap();

@@ -29,8 +29,9 @@ use self::record::{Record, RecordError, SegmentRecord};
 use crate::{
     changes::{Gap, GapScope},
     devices::DeviceKey,
-    journal::{Journal, JournalError},
+    journal::{Journal, JournalEnd, JournalError, Tail},
     query::{ChunkMap, MetadataSource, QueryError},
+    statedir,
     tracker::{monotonic_ns, Checkpoint, Continuity, Seal},
 };
 
@@ -106,6 +107,18 @@ pub struct SnapshotInfo {
     /// older journals).
     #[serde(default)]
     pub cut_id: Option<u64>,
+}
+
+/// Damage found in the journal: records after it may be lost, so every
+/// handle the log does not know may be one it lost (FAILED_PRECONDITION,
+/// never "unknown"). Kept for good: only a new state directory clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DamageInfo {
+    /// When it was found, on the timeline.
+    pub detected: Stamp,
+    pub reason: String,
+    /// Where the damaged file was kept, if it was.
+    pub copy: Option<String>,
 }
 
 /// A gap as the log keeps it: on the timeline, per instance or for all.
@@ -185,9 +198,15 @@ pub enum LogError {
 pub struct OpenReport {
     pub records: usize,
     pub previous_run_clean: Option<bool>,
+    /// An append cut short by a crash (not after a clean stop: that is damage).
     pub torn_tail_bytes: u64,
-    /// Damage in the journal, if any: everything after it is a gap.
+    /// Damage found now, if any: every window up to now is a gap, and every
+    /// unknown handle answers FAILED_PRECONDITION from now on.
     pub damage: Option<String>,
+    /// Where the damaged journal was kept.
+    pub damage_copy: Option<PathBuf>,
+    /// The journal was in this older format and has been rewritten.
+    pub converted_from_version: Option<u32>,
     pub new_boot: bool,
 }
 
@@ -212,6 +231,8 @@ pub struct ChangeLog {
     base: u64,
     instances: BTreeMap<InstanceId, InstanceLog>,
     gaps: Vec<GapInfo>,
+    /// Damage ever found in the journal (see [`DamageInfo`]).
+    damage: Vec<DamageInfo>,
     snapshots: BTreeMap<String, SnapshotInfo>,
     /// Open cut windows by id. Ids are random, so one never names another
     /// cut, even after the journal lost the records of earlier ones.
@@ -253,6 +274,10 @@ pub const MAX_OPEN_CUTS: usize = 64;
 /// id (the oldest goes first). Every commit naming no cut leaves one, most
 /// often its own.
 pub const MAX_TAKEN_CUTS: usize = 64;
+/// A rewrite splits the state's segments into seal records of about this
+/// many bytes of chunk sets: a record is read whole (bounded memory), and
+/// far under the journal's limit.
+const STATE_RECORD_CHUNK_BYTES: usize = 8 << 20;
 
 fn boot_id() -> Result<String, LogError> {
     crate::devices::boot_id().map_err(LogError::BootId)
@@ -271,7 +296,6 @@ struct Recovery {
     latest: Stamp,
     clean: Option<bool>,
     damage: Option<String>,
-    repair: bool,
 }
 
 impl ChangeLog {
@@ -286,15 +310,34 @@ impl ChangeLog {
 
     /// Opens (or creates) the log in `dir` and replays it. Nothing is
     /// recorded until [`Self::begin_run`], which must come before any
-    /// other change.
+    /// other change. The caller holds `dir` (see [`statedir::StateDir`]):
+    /// the run marker there says how the previous run ended.
+    ///
+    /// Damage (a bad or missing record, a torn tail or any other end than
+    /// the one a clean stop pinned, an undecodable record) is recorded
+    /// before anything else changes: a [`DamageInfo`], a gap for every
+    /// device from the start of the timeline to now, the damaged file kept
+    /// aside (bounded), and the journal rewritten with the state that
+    /// survived. A torn tail after a crash is only cut off (by the rewrite).
     pub fn load(dir: &Path, granularity: u64) -> Result<(Self, OpenReport), LogError> {
+        let marker = statedir::read_marker_in(dir);
         let (journal, recovered) = Journal::open(&dir.join(JOURNAL))?;
         let mut report = OpenReport {
             records: recovered.records.len(),
-            torn_tail_bytes: recovered.torn_tail_bytes,
-            damage: recovered.damage.as_ref().map(|d| format!("at byte {}: {}", d.offset, d.reason)),
+            converted_from_version: recovered.old_version,
             ..Default::default()
         };
+        let mut damage = match &recovered.tail {
+            Tail::Clean => None,
+            Tail::Torn { bytes } => {
+                report.torn_tail_bytes = *bytes;
+                None
+            }
+            Tail::Damaged(d) => Some((d.offset, format!("at byte {}: {}", d.offset, d.reason))),
+        };
+        if damage.is_none() {
+            damage = marker.as_ref().and_then(|m| judge_end(m, &recovered));
+        }
         let mut log = Self {
             journal,
             granularity,
@@ -303,6 +346,7 @@ impl ChangeLog {
             base: 0,
             instances: BTreeMap::new(),
             gaps: Vec::new(),
+            damage: Vec::new(),
             snapshots: BTreeMap::new(),
             cuts: BTreeMap::new(),
             expired_cuts: BTreeSet::new(),
@@ -318,14 +362,13 @@ impl ChangeLog {
         let mut last_durable: Option<Stamp> = None;
         let mut latest: Stamp = 0;
         let mut clean = None;
-        let mut undecodable = None;
         for (index, bytes) in recovered.records.iter().enumerate() {
             let record = match Record::decode(bytes) {
                 Ok(r) => r,
                 Err(e) => {
                     // Checksummed but undecodable: written by a newer or
                     // broken version. Stop here, like at damage.
-                    undecodable = Some(format!("record {index}: {e}"));
+                    damage.get_or_insert((recovered.end.bytes, format!("record {index}: {e}")));
                     break;
                 }
             };
@@ -345,10 +388,12 @@ impl ChangeLog {
                 clean = Some(matches!(record, Record::Stop { .. }));
             }
             latest = latest.max(record_stamp(&record));
-            log.replay(record)?;
-        }
-        if let Some(reason) = undecodable {
-            report.damage.get_or_insert(reason);
+            if let Err(e) = log.replay(record) {
+                // Checksummed, decodable, and still inconsistent (a seal of
+                // an instance never recorded): what follows cannot be trusted.
+                damage.get_or_insert((recovered.end.bytes, format!("record {index}: {e}")));
+                break;
+            }
         }
         report.previous_run_clean = clean;
         let mono = monotonic_ns();
@@ -360,19 +405,57 @@ impl ChangeLog {
             }
             None => (0, 0),
         };
+        if let Some((offset, reason)) = &damage {
+            let copy = if recovered.created { Ok(None) } else { log.journal.preserve(*offset) };
+            let (copy, copy_note) = match copy {
+                Ok(Some(path)) => (Some(path), String::new()),
+                Ok(None) if recovered.created => (None, String::new()),
+                Ok(None) => (None, " (no copy kept: enough copies of earlier damage are there)".to_string()),
+                Err(e) => (None, format!(" (no copy kept: {e})")),
+            };
+            let reason = format!("{reason}{copy_note}");
+            let now = log.now();
+            // Every record after the damage is lost, and a lost gap may
+            // reach back before any record that survived: no window up to
+            // now can be proven.
+            log.gaps.push(GapInfo {
+                instance: None,
+                from: 0,
+                to: now,
+                reason: format!("state journal damaged ({reason}): records after it are lost"),
+            });
+            log.damage.push(DamageInfo {
+                detected: now,
+                reason: reason.clone(),
+                copy: copy.as_ref().map(|p| p.display().to_string()),
+            });
+            report.damage = Some(reason);
+            report.damage_copy = copy;
+        }
         if report.damage.is_some() || report.new_boot {
             // Records after the damage may be lost, and the capture of
             // another boot is gone.
             log.checkpoint = None;
         }
-        log.recovery = Some(Recovery {
-            last_durable,
-            latest,
-            clean,
-            damage: report.damage.clone(),
-            repair: report.damage.is_some() || report.torn_tail_bytes > 0,
-        });
+        if damage.is_some() || recovered.tail != Tail::Clean || recovered.old_version.is_some() {
+            // What was found is recorded for good before anything is
+            // appended (and the torn tail or old format is gone).
+            let records = log.state_records()?;
+            log.journal.rewrite(records.iter().map(Vec::as_slice))?;
+            if marker.as_ref().is_some_and(|m| m.clean) {
+                // The clean stop's pin names the file just replaced.
+                statedir::mark_dirty_in(dir, b"journal rewritten at load")?;
+            }
+        }
+        log.recovery = Some(Recovery { last_durable, latest, clean, damage: report.damage.clone() });
         Ok((log, report))
+    }
+
+    /// What the run marker should say at a clean stop: the journal's end,
+    /// so the next [`Self::load`] can tell it reads that very file, whole.
+    /// Call after [`Self::stop`], with nothing appended since.
+    pub fn clean_stop_marker(&self) -> String {
+        format!("stopped; {}", self.journal.end())
     }
 
     /// Where the previous run's last durable seal left the capture, if a
@@ -427,9 +510,6 @@ impl ChangeLog {
             }
         }
         self.journal.sync()?;
-        if recovery.repair {
-            self.compact()?;
-        }
         self.compacted_bytes = self.journal.len_bytes();
         Ok(())
     }
@@ -482,6 +562,7 @@ impl ChangeLog {
             Record::SnapshotDeleted { handle } => {
                 self.snapshots.remove(&handle);
             }
+            Record::Damage { detected, reason, copy } => self.damage.push(DamageInfo { detected, reason, copy }),
         }
         Ok(())
     }
@@ -879,8 +960,21 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// Damage ever found in the journal.
+    pub fn damage(&self) -> &[DamageInfo] {
+        &self.damage
+    }
+
+    /// A handle the log does not know is unknown (NOT_FOUND) only if no
+    /// record can have been lost; after damage it may be one of those.
     fn snapshot(&self, handle: &str) -> Result<&SnapshotInfo, QueryError> {
-        self.snapshots.get(handle).ok_or_else(|| QueryError::NotFound(handle.to_string()))
+        self.snapshots.get(handle).ok_or_else(|| match self.damage.first() {
+            None => QueryError::NotFound(handle.to_string()),
+            Some(d) => QueryError::FailedPrecondition(format!(
+                "snapshot {handle:?} is not known, and records of this tracker's state were lost to damage ({})",
+                d.reason
+            )),
+        })
     }
 
     /// Every chunk that may differ between `base` and `target`, in the
@@ -974,6 +1068,12 @@ impl ChangeLog {
 
     /// The current state as records, in replay order.
     fn state_records(&self) -> Result<Vec<Vec<u8>>, LogError> {
+        self.state_records_in(STATE_RECORD_CHUNK_BYTES)
+    }
+
+    /// [`Self::state_records`] with seal records of about `record_bytes`
+    /// of chunk sets.
+    fn state_records_in(&self, record_bytes: usize) -> Result<Vec<Vec<u8>>, LogError> {
         let mut out = Vec::new();
         let mut push = |r: Record| -> Result<(), LogError> {
             out.push(r.encode()?);
@@ -987,16 +1087,34 @@ impl ChangeLog {
             granularity: self.granularity,
             pid: std::process::id(),
         })?;
-        let mut segments = Vec::new();
         for (id, log) in &self.instances {
             push(Record::Instance { id: *id, name: log.name.clone(), tracked_since: log.tracked_since })?;
-            segments.extend(log.segments.iter().map(|s| SegmentRecord {
-                instance: *id,
-                start: s.start,
-                end: s.end,
-                settled_by: s.settled_by,
-                chunks: record::encode_chunks(&s.chunks),
-            }));
+        }
+        // Seal records of bounded size, all at the same cut; the last one
+        // carries the checkpoint (replay keeps the last).
+        let mut segments = Vec::new();
+        let mut batch_bytes = 0;
+        for (id, log) in &self.instances {
+            for s in &log.segments {
+                for chunks in encode_bounded(&s.chunks, record_bytes) {
+                    if batch_bytes + chunks.len() > record_bytes && !segments.is_empty() {
+                        push(Record::Seal {
+                            cut: self.last_cut,
+                            segments: std::mem::take(&mut segments),
+                            checkpoint: None,
+                        })?;
+                        batch_bytes = 0;
+                    }
+                    batch_bytes += chunks.len();
+                    segments.push(SegmentRecord {
+                        instance: *id,
+                        start: s.start,
+                        end: s.end,
+                        settled_by: s.settled_by,
+                        chunks,
+                    });
+                }
+            }
         }
         push(Record::Seal { cut: self.last_cut, segments, checkpoint: self.checkpoint.clone() })?;
         for log in self.instances.iter().filter_map(|(id, l)| l.settled_at.map(|at| (id, at))) {
@@ -1017,6 +1135,9 @@ impl ChangeLog {
         for volume in &self.expired_cuts {
             let (at, reason) = (self.last_cut, "expired".to_string());
             push(Record::CutAbandoned { volume: volume.clone(), cut_id: 0, at, reason, expired: true })?;
+        }
+        for d in &self.damage {
+            push(Record::Damage { detected: d.detected, reason: d.reason.clone(), copy: d.copy.clone() })?;
         }
         Ok(out)
     }
@@ -1094,6 +1215,60 @@ fn record_stamp(record: &Record) -> Stamp {
         Record::CutAbandoned { at, .. } | Record::CutsCleared { at, .. } => *at,
         Record::Snapshot(s) | Record::Committed { snapshot: s, .. } => s.hi,
         Record::SnapshotDeleted { .. } => 0,
+        Record::Damage { detected, .. } => *detected,
+    }
+}
+
+/// Whether the journal `recovered` is the one the previous run left, as its
+/// run marker says; if not, the damage (offset for the kept copy, reason).
+fn judge_end(marker: &statedir::Marker, recovered: &crate::journal::Recovered) -> Option<(u64, String)> {
+    let found = recovered.end;
+    if recovered.created {
+        // The marker is written only after the journal exists.
+        return Some((0, "the journal is missing, though a previous run left its run marker".to_string()));
+    }
+    if !marker.clean {
+        // A crash: an append may have been cut short; nothing pins the end.
+        return None;
+    }
+    if let Tail::Torn { bytes } = recovered.tail {
+        return Some((
+            found.bytes,
+            format!(
+                "{bytes} bytes of a torn append follow byte {}, but the previous run stopped cleanly after its \
+                 last append",
+                found.bytes
+            ),
+        ));
+    }
+    // A marker of an older version says only "stopped".
+    let pinned: JournalEnd = String::from_utf8_lossy(&marker.info).parse().ok()?;
+    (pinned != found).then(|| {
+        (
+            found.bytes.min(pinned.bytes),
+            format!(
+                "the previous run stopped cleanly leaving {pinned}, but the {found} was found: records are missing \
+                 or the file was replaced"
+            ),
+        )
+    })
+}
+
+/// `chunks` serialized, in pieces of at most about `max_bytes` (split by
+/// chunk ranges; one piece unless the set is that big).
+fn encode_bounded(chunks: &RoaringTreemap, max_bytes: usize) -> Vec<Vec<u8>> {
+    match (chunks.min(), chunks.max()) {
+        (Some(min), Some(max)) if min < max && chunks.serialized_size() > max_bytes => {
+            let mid = min + (max - min) / 2;
+            let mut low = chunks.clone();
+            low.remove_range(mid + 1..);
+            let mut high = chunks.clone();
+            high.remove_range(..=mid);
+            let mut out = encode_bounded(&low, max_bytes);
+            out.extend(encode_bounded(&high, max_bytes));
+            out
+        }
+        _ => vec![record::encode_chunks(chunks)],
     }
 }
 

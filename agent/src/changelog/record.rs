@@ -65,6 +65,10 @@ pub enum Record {
     SnapshotDeleted { handle: String },
     /// The agent stopped after its final seal.
     Stop { at: Stamp },
+    /// The journal was found damaged at `detected` (see `DamageInfo`):
+    /// records may be lost, so every handle the log does not know answers
+    /// FAILED_PRECONDITION from then on. Carried by every rewrite.
+    Damage { detected: Stamp, reason: String, copy: Option<String> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

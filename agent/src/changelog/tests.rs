@@ -242,16 +242,34 @@ fn damage_is_reported_and_becomes_a_gap() {
     bytes[middle] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
     let report = f.reopen();
-    assert!(report.damage.is_some(), "{report:?}");
-    // Whatever survived answers only with proof: a, b came before the damage.
-    assert_eq!(f.delta("a", "b").unwrap(), vec![1, 2]);
-    f.snapshot("d", &[4]);
-    match f.delta("b", "d") {
+    let damage = report.damage.expect("damage");
+    let copy = report.damage_copy.expect("a copy of the damaged journal");
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes, "the copy is the file as found");
+    // A lost record may have been a gap reaching back anywhere: nothing
+    // from before the damage answers, not even a, b whose records survived.
+    match f.delta("a", "b") {
         Err(QueryError::FailedPrecondition(m)) => assert!(m.contains("damaged"), "{m}"),
-        other => panic!("a window over lost records must refuse, got {other:?}"),
+        other => panic!("a window before the damage must refuse, got {other:?}"),
     }
-    // The damaged file was rewritten whole: the next open is clean of damage.
-    assert!(f.reopen().damage.is_none());
+    // c's record came after the damage: lost, and so not "unknown".
+    match f.delta("a", "c") {
+        Err(QueryError::FailedPrecondition(m)) => {
+            assert!(m.contains("lost to damage") && m.contains(&damage), "{m}")
+        }
+        other => panic!("a handle the damage may have taken must refuse, got {other:?}"),
+    }
+    // Snapshots after the damage answer again.
+    f.settle();
+    f.snapshot("d", &[4]);
+    f.snapshot("e", &[5]);
+    assert_eq!(f.delta("d", "e").unwrap(), vec![4, 5]);
+    // The damage is recorded for good: compaction and restarts keep it.
+    f.log.compact().unwrap();
+    let report = f.reopen();
+    assert!(report.damage.is_none(), "the journal was rewritten whole: {report:?}");
+    assert!(matches!(f.delta("a", "c"), Err(QueryError::FailedPrecondition(_))));
+    assert!(matches!(f.delta("d", "never"), Err(QueryError::FailedPrecondition(_))));
+    assert_eq!(f.log.damage().len(), 1);
 }
 
 #[test]
@@ -812,4 +830,180 @@ fn a_taken_cut_still_commits_by_id() {
     assert!(matches!(f.commit("c", None), Err(LogError::NoCutBegun(_))));
     f.reopen();
     assert_eq!(f.open_cuts().iter().map(|c| (c.id, c.taken)).collect::<Vec<_>>(), vec![(unnamed, true)]);
+}
+
+/// The frame header's length in the journal's format.
+fn frame_header_len(bytes: &[u8]) -> usize {
+    if bytes[8] == 1 {
+        8
+    } else {
+        20
+    }
+}
+
+/// Where each frame of the journal starts, and its end.
+fn frame_starts(bytes: &[u8]) -> Vec<usize> {
+    let mut starts = vec![24];
+    while *starts.last().unwrap() < bytes.len() {
+        let at = *starts.last().unwrap();
+        starts.push(at + frame_header_len(bytes) + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize);
+    }
+    starts
+}
+
+/// What the agent does at a clean stop: the stop record, then the run
+/// marker pinning the journal's end.
+fn stop_cleanly(f: &mut Fixture) {
+    f.log.stop().unwrap();
+    let marker = f.log.clean_stop_marker();
+    crate::statedir::StateDir::open(f.dir.path()).unwrap().mark_clean(marker.as_bytes()).unwrap();
+}
+
+/// Issue 8, item 13: one whole, valid seal record removed used to load
+/// without a word and answer `[]`.
+#[test]
+fn a_missing_record_refuses_instead_of_answering_short() {
+    let mut f = Fixture::new();
+    f.settle();
+    f.snapshot("a", &[]);
+    f.seal(&[5]);
+    f.seal(&[6]);
+    f.settle();
+    f.snapshot("b", &[]);
+    assert_eq!(f.delta("a", "b").unwrap(), vec![5, 6]);
+    let path = f.dir.path().join(JOURNAL);
+    let bytes = std::fs::read(&path).unwrap();
+    let starts = frame_starts(&bytes);
+    let sealed_5 = (0..starts.len() - 1)
+        .find(|&k| match Record::decode(&bytes[starts[k] + frame_header_len(&bytes)..starts[k + 1]]) {
+            Ok(Record::Seal { segments, .. }) => {
+                segments.iter().any(|s| record::decode_chunks(&s.chunks).unwrap().contains(5))
+            }
+            _ => false,
+        })
+        .expect("the seal of chunk 5");
+    let dropped = [&bytes[..starts[sealed_5]], &bytes[starts[sealed_5 + 1]..]].concat();
+    std::fs::write(&path, dropped).unwrap();
+    let report = f.reopen();
+    assert!(report.damage.as_ref().is_some_and(|d| d.contains("missing, duplicated or out of order")), "{report:?}");
+    assert!(matches!(f.delta("a", "b"), Err(QueryError::FailedPrecondition(_))), "{:?}", f.delta("a", "b"));
+}
+
+/// Issue 8, item 14: after a clean stop the journal's end is known; a
+/// truncation (even at a frame boundary) or a tail is damage, and the
+/// snapshots it took answer FAILED_PRECONDITION, not NOT_FOUND.
+#[test]
+fn a_truncation_after_a_clean_stop_is_damage() {
+    let mut f = Fixture::new();
+    f.settle();
+    f.snapshot("a", &[1]);
+    f.snapshot("b", &[2]);
+    f.snapshot("c", &[3]);
+    stop_cleanly(&mut f);
+    let path = f.dir.path().join(JOURNAL);
+    let bytes = std::fs::read(&path).unwrap();
+    let starts = frame_starts(&bytes);
+    let snapshot_c = (0..starts.len() - 1)
+        .find(|&k| match Record::decode(&bytes[starts[k] + frame_header_len(&bytes)..starts[k + 1]]) {
+            Ok(Record::Snapshot(s) | Record::Committed { snapshot: s, .. }) => s.handle == "c",
+            _ => false,
+        })
+        .unwrap();
+    let pristine = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(f.dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), pristine.path().join(entry.file_name())).unwrap();
+    }
+    let damages: [(&str, Vec<u8>); 4] = [
+        ("cut at c's record", bytes[..starts[snapshot_c]].to_vec()),
+        ("cut inside the stop record", bytes[..bytes.len() - 3].to_vec()),
+        ("zeroes after the stop record", [&bytes[..], &[0; 4096]].concat()),
+        ("garbage after the stop record", [&bytes[..], b"garbage"].concat()),
+    ];
+    for (what, damaged) in damages {
+        for entry in std::fs::read_dir(pristine.path()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), f.dir.path().join(entry.file_name())).unwrap();
+        }
+        std::fs::write(&path, &damaged).unwrap();
+        let report = f.reopen();
+        assert!(report.damage.is_some(), "{what}: {report:?}");
+        for (base, target) in [("a", "b"), ("a", "c"), ("b", "c")] {
+            let answer = f.delta(base, target);
+            assert!(matches!(answer, Err(QueryError::FailedPrecondition(_))), "{what}: {base}..{target}: {answer:?}");
+        }
+    }
+    // Without the clean stop the same torn append is a crash's: cut off,
+    // nothing lost that was acknowledged.
+    for entry in std::fs::read_dir(pristine.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), f.dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::remove_file(f.dir.path().join("run-marker")).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+    let report = f.reopen();
+    assert!(report.damage.is_none(), "{report:?}");
+    assert!(report.torn_tail_bytes > 0);
+    assert_eq!(f.delta("a", "c").unwrap(), vec![1, 2, 3]);
+}
+
+#[test]
+fn compaction_into_many_small_records_keeps_every_answer() {
+    let mut f = Fixture::new();
+    f.snapshot("a", &[1]);
+    for i in 0..30 {
+        f.seal(&[10 + i, 100_000 + 7 * i, 1 << 33 | i]);
+        if i % 4 == 0 {
+            f.settle();
+        }
+    }
+    f.snapshot("b", &[2]);
+    f.seal(&[3]);
+    f.snapshot("c", &[4]);
+    let before = (f.delta("a", "b").unwrap(), f.delta("b", "c").unwrap());
+    let records = f.log.state_records_in(64).unwrap();
+    let seals = records.iter().filter(|r| matches!(Record::decode(r), Ok(Record::Seal { .. }))).count();
+    assert!(seals > 10, "{seals} seal records");
+    f.log.journal.rewrite(records.iter().map(Vec::as_slice)).unwrap();
+    f.reopen();
+    assert_eq!((f.delta("a", "b").unwrap(), f.delta("b", "c").unwrap()), before);
+}
+
+#[test]
+fn a_big_chunk_set_is_split_by_ranges() {
+    let chunks: RoaringTreemap = (0..20_000u64).map(|i| i * 3).chain([1 << 40, 1 << 41]).collect();
+    let pieces = encode_bounded(&chunks, 4096);
+    assert!(pieces.len() > 4, "{} pieces", pieces.len());
+    let mut union = RoaringTreemap::new();
+    for p in &pieces {
+        let piece = record::decode_chunks(p).unwrap();
+        assert!(piece.is_disjoint(&union));
+        union |= piece;
+    }
+    assert_eq!(union, chunks);
+    assert_eq!(encode_bounded(&chunks, usize::MAX).len(), 1);
+    assert_eq!(encode_bounded(&RoaringTreemap::new(), 1).len(), 1);
+}
+
+/// Version 1 journals (no sequence numbers) are read once, with what
+/// that format can prove, and rewritten in the current format.
+#[test]
+fn a_version_1_journal_loads_and_is_converted() {
+    let mut f = Fixture::new();
+    f.settle();
+    f.snapshot("a", &[1]);
+    f.seal(&[2]);
+    f.settle();
+    f.snapshot("b", &[3]);
+    let before = f.delta("a", "b").unwrap();
+    f.log.stop().unwrap();
+    let path = f.dir.path().join(JOURNAL);
+    let (_, recovered) = Journal::open(&path).unwrap();
+    std::fs::write(&path, crate::journal::tests::v1_journal(&recovered.records)).unwrap();
+    let report = f.reopen();
+    assert_eq!(report.converted_from_version, Some(1), "{report:?}");
+    assert!(report.damage.is_none(), "{report:?}");
+    assert_eq!(f.delta("a", "b").unwrap(), before);
+    assert_eq!(f.reopen().converted_from_version, None);
+    assert_eq!(f.delta("a", "b").unwrap(), before);
 }
