@@ -416,14 +416,7 @@ impl ChangeSets {
         // changed since we last looked, events in between cannot be
         // attributed: both instances get a gap.
         let current = devices::instance_of(dev).map(|d| d.key);
-        // Not yet resolved for an event: the instance discovery last saw
-        // holding the number. If another holds it now, the number changed
-        // hands since, and this batch's events may be the earlier one's.
-        let previous = self.classic_instances.get(&dev).copied().or_else(|| {
-            let known = self.devices.keys().filter(|k| k.dev == dev).max_by_key(|k| k.diskseq)?;
-            Some((*known, from_ns))
-        });
-        let key = match (previous, current) {
+        let key = match (self.classic_instances.get(&dev).copied(), current) {
             (Some((p, _)), Some(c)) if p == c => c,
             (Some((p, resolved_from)), c) => {
                 // The number changed hands after the batch that last saw
@@ -434,7 +427,18 @@ impl ChangeSets {
                 }
                 c
             }
-            (None, c) => c.unwrap_or(DeviceKey { dev, diskseq: 0 }),
+            (None, c) => {
+                let c = c.unwrap_or(DeviceKey { dev, diskseq: 0 });
+                // First events at this number: if discovery last saw
+                // another instance holding it, the number changed hands
+                // since, and some of this batch may be that one's writes
+                // (taken for the current one's: an over-report there).
+                let known = self.devices.keys().filter(|k| k.dev == dev && **k != c).max_by_key(|k| k.diskseq).copied();
+                if let Some(known) = known.filter(|k| k.diskseq < c.diskseq || c.diskseq == 0) {
+                    self.record_gap(GapScope::Device(known), from_ns, to_ns, "device number reused (classic hooks)");
+                }
+                c
+            }
         };
         self.classic_instances.insert(dev, (key, from_ns));
         key
