@@ -154,6 +154,13 @@ fn test(filter: Option<String>) -> Result<()> {
         }
     }
     let result = run(&mut suite);
+    // Leave the machine as it was: the tests' pin root (empty unless a test
+    // failed to release what it pinned, which this detaches).
+    if pins.exists() {
+        if let Err(e) = std::fs::remove_dir_all(pins) {
+            eprintln!("warning: could not remove {}: {e}", pins.display());
+        }
+    }
     if let Ok(report) = std::fs::read_to_string(accuracy_report()) {
         println!("\nAccuracy (reported / truly changed bytes per workload; {}):\n{report}", accuracy_report().display());
     }
