@@ -543,25 +543,26 @@ fn look_loop(disk: &Disk, dir: &Path) -> (Layout, Option<FileStamp>) {
     (Layout::Loop(map), stamp)
 }
 
-/// `struct loop_info64` (include/uapi/linux/loop.h).
+/// `struct loop_info64` (include/uapi/linux/loop.h), as `LOOP_GET_STATUS64`
+/// fills it (and `LOOP_SET_STATUS64` takes it).
 #[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
+pub struct LoopInfo64 {
+    pub lo_device: u64,
+    pub lo_inode: u64,
+    pub lo_rdevice: u64,
+    pub lo_offset: u64,
+    pub lo_sizelimit: u64,
+    pub lo_number: u32,
+    pub lo_encrypt_type: u32,
+    pub lo_encrypt_key_size: u32,
+    pub lo_flags: u32,
+    pub lo_file_name: [u8; 64],
+    pub lo_crypt_name: [u8; 64],
+    pub lo_encrypt_key: [u8; 32],
+    pub lo_init: [u64; 2],
 }
 
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+pub const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 
 /// `LOOP_GET_STATUS64` on the device node, if `/dev/<name>` is this disk.
 /// It tells which file the driver holds, wherever that file lives.

@@ -147,31 +147,13 @@ impl Drop for MaxSectorsKb {
     }
 }
 
-/// `struct loop_info64` (include/uapi/linux/loop.h).
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
 /// Moves a live loop device to another offset in its backing file
 /// (`LOOP_SET_STATUS64`; losetup can only set one at attach). The device
 /// keeps its number and its `diskseq`, and its size if a size limit holds
 /// it: other bytes behind the same sectors, with no write to it.
 pub fn loop_set_offset(dev: &str, offset: u64) {
+    use cbt_agent::mapping::{LoopInfo64, LOOP_GET_STATUS64};
     const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
-    const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
     use std::os::unix::io::AsRawFd;
     let f = File::open(dev).unwrap_or_else(|e| panic!("{dev}: {e}"));
     // SAFETY: all-zero is a valid loop_info64 (integers and byte arrays).
