@@ -67,20 +67,22 @@ impl Rings {
 
     /// Maps the `BPF_F_MMAPABLE` array holding `count` rings.
     pub fn map(fd: BorrowedFd<'_>, count: u32) -> Result<Self, CaptureError> {
+        Self::mmap(Some(fd), count).map_err(CaptureError::Mmap)
+    }
+
+    /// A shared mapping of `fd`, or of fresh zeroed memory without one
+    /// (tests: a producer thread then stands in for the programs).
+    fn mmap(fd: Option<BorrowedFd<'_>>, count: u32) -> std::io::Result<Self> {
         let len = (count as usize * ELEM_SIZE).next_multiple_of(page_size());
-        // SAFETY: mapping a BPF array map fd, length within the map's value area.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
+        let (flags, raw_fd) = match fd {
+            Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
+            None => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
         };
+        // SAFETY: a new mapping of `len` bytes: of a BPF array map fd, whose
+        // value area holds `count` rings, or anonymous memory.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, raw_fd, 0) };
         if ptr == libc::MAP_FAILED {
-            return Err(CaptureError::Mmap(std::io::Error::last_os_error()));
+            return Err(std::io::Error::last_os_error());
         }
         Ok(Self {
             base: NonNull::new(ptr.cast()).expect("mmap returned null"),
@@ -302,32 +304,6 @@ mod tests {
     use super::*;
     use cbt_common::EventKind;
 
-    impl Rings {
-        /// Rings in anonymous memory, for a producer thread to stand in for
-        /// the programs.
-        fn anonymous(count: u32) -> Self {
-            let len = (count as usize * ELEM_SIZE).next_multiple_of(page_size());
-            // SAFETY: a fresh private anonymous mapping (zeroed).
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(ptr, libc::MAP_FAILED);
-            Self {
-                base: NonNull::new(ptr.cast()).unwrap(),
-                len,
-                count: count as usize,
-                seen_dropped: vec![0; count as usize],
-            }
-        }
-    }
-
     /// The producer side of one ring, as the programs publish: slot first,
     /// then a fully ordered head increment.
     struct Producer(*mut CpuRing);
@@ -361,7 +337,7 @@ mod tests {
     fn no_completion_is_drained_before_its_submission() {
         const CPUS: u32 = 2;
         const WRITES: u64 = 300_000;
-        let mut rings = Rings::anonymous(RING_SETS * CPUS);
+        let mut rings = Rings::mmap(None, RING_SETS * CPUS).expect("anonymous rings");
         let submissions = Producer(rings.ring((RingSet::Bio as u32 * CPUS) as usize));
         let completions = Producer(rings.ring((RingSet::Complete as u32 * CPUS + 1) as usize));
         let producer = std::thread::spawn(move || {
